@@ -1,0 +1,194 @@
+use std::future::Future;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::sync::watch;
+
+use super::client::{AcquireRequest, DEFAULT_TTL, Lock, LockClient};
+use super::error::{LockError, WithLockError};
+
+/// Options of [`LockClient::with_lock`].
+#[derive(Clone, Debug)]
+pub struct WithLockOptions {
+    pub ttl: Duration,
+    pub metadata: Value,
+    /// How long to keep retrying while another owner holds the lock (zero: try once).
+    pub wait: Duration,
+}
+
+impl Default for WithLockOptions {
+    fn default() -> Self {
+        Self {
+            ttl: DEFAULT_TTL,
+            metadata: Value::Null,
+            wait: Duration::ZERO,
+        }
+    }
+}
+
+/// A lease held while something runs: renewed every `ttl/4` by one task (so
+/// never two extensions at once) until [`Lease::stop`].
+pub struct Lease {
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+    lost: watch::Receiver<bool>,
+}
+
+impl Lease {
+    /// Starts renewing `lock`.
+    pub fn start(client: LockClient, lock: Lock, ttl: Duration) -> Self {
+        let (stop, mut stopped) = watch::channel(false);
+        let (lost_tx, lost) = watch::channel(false);
+        let period = (ttl / 4).max(Duration::from_millis(10));
+        let task = tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(period) => {}
+                    _ = stopped.changed() => return,
+                }
+                match client
+                    .extend(&lock.lock_id, &lock.token, ttl, Some(lock.fencing_token))
+                    .await
+                {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        tracing::warn!(lock_id = %lock.lock_id, "lock was lost: another owner holds it now");
+                        let _ = lost_tx.send(true);
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::warn!(lock_id = %lock.lock_id, error = %e, "could not extend the lock; will retry")
+                    }
+                }
+            }
+        });
+        Self { stop, task, lost }
+    }
+
+    /// True once a renewal found the lock held by another token.
+    pub fn is_lost(&self) -> bool {
+        *self.lost.borrow()
+    }
+
+    /// A receiver that turns true when the lock is lost.
+    pub fn lost_signal(&self) -> watch::Receiver<bool> {
+        self.lost.clone()
+    }
+
+    /// Stops renewing and waits for an extension in flight to finish.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+}
+
+impl LockClient {
+    /// Runs `f` while holding `lock_id`: acquires (or fails with the
+    /// acquisition error), renews every `ttl/4` while `f` runs, and always
+    /// releases afterwards, also when `f` fails. Returns `f`'s result.
+    pub async fn with_lock<T, E, F, Fut>(
+        &self,
+        lock_id: &str,
+        options: WithLockOptions,
+        f: F,
+    ) -> Result<T, WithLockError<E>>
+    where
+        F: FnOnce(Lock) -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        let request = AcquireRequest::new(lock_id, options.ttl, options.metadata);
+        let lock = if options.wait.is_zero() {
+            self.try_acquire(&request).await?
+        } else {
+            self.acquire_with_wait(&request, options.wait).await?
+        };
+        let Some(lock) = lock else {
+            return Err(LockError::AcquisitionFailed {
+                lock_id: lock_id.to_string(),
+            }
+            .into());
+        };
+        let lease = Lease::start(self.clone(), lock.clone(), options.ttl);
+        let result = f(lock.clone()).await;
+        lease.stop().await;
+        if let Err(e) = self.release(&lock.lock_id, &lock.token).await {
+            tracing::warn!(lock_id, error = %e, "could not release the lock; it expires by itself");
+        }
+        result.map_err(WithLockError::Callback)
+    }
+}
+
+/// Kibana's `LockManager`: one lock id, the token of the current acquisition
+/// kept inside. Every acquisition uses a fresh token.
+pub struct LockManager {
+    client: LockClient,
+    lock_id: String,
+    held: Mutex<Option<Lock>>,
+}
+
+impl LockManager {
+    pub fn new(client: LockClient, lock_id: impl Into<String>) -> Self {
+        Self {
+            client,
+            lock_id: lock_id.into(),
+            held: Mutex::new(None),
+        }
+    }
+
+    pub fn lock_id(&self) -> &str {
+        &self.lock_id
+    }
+
+    /// The token of the last successful acquisition.
+    pub fn token(&self) -> Option<String> {
+        self.held().map(|l| l.token)
+    }
+
+    /// The fencing token of the last successful acquisition.
+    pub fn fencing_token(&self) -> Option<u64> {
+        self.held().map(|l| l.fencing_token)
+    }
+
+    fn held(&self) -> Option<Lock> {
+        self.held.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn set_held(&self, lock: Option<Lock>) {
+        *self.held.lock().unwrap_or_else(|p| p.into_inner()) = lock;
+    }
+
+    /// True when acquired (with a new token); false when another owner holds it.
+    pub async fn acquire(&self, ttl: Duration, metadata: Value) -> Result<bool, LockError> {
+        match self.client.acquire(&self.lock_id, ttl, metadata).await? {
+            Some(lock) => {
+                self.set_held(Some(lock));
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    /// True when this manager's token released the lock.
+    pub async fn release(&self) -> Result<bool, LockError> {
+        let Some(lock) = self.held() else { return Ok(false) };
+        let released = self.client.release(&self.lock_id, &lock.token).await?;
+        if released {
+            self.set_held(None);
+        }
+        Ok(released)
+    }
+
+    /// True when this manager's token still held the lock and it was extended.
+    pub async fn extend_ttl(&self, ttl: Duration) -> Result<bool, LockError> {
+        let Some(lock) = self.held() else { return Ok(false) };
+        self.client
+            .extend(&self.lock_id, &lock.token, ttl, Some(lock.fencing_token))
+            .await
+    }
+
+    /// The live lock, whoever holds it.
+    pub async fn get(&self) -> Result<Option<Lock>, LockError> {
+        self.client.get(&self.lock_id).await
+    }
+}
