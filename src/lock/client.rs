@@ -19,6 +19,8 @@ use crate::engine::EngineArgs;
 pub const DEFAULT_TTL: Duration = Duration::from_secs(30);
 /// Retries of a transient failure (503, timeout, connection reset) before giving up.
 pub const TRANSIENT_RETRIES: u32 = 3;
+/// How often the engine re-runs a script whose document changed under it.
+const CONFLICT_RETRIES: i64 = 10;
 
 /// A lock document as stored in the index (Kibana-compatible field names).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -227,6 +229,9 @@ impl LockClient {
                 self.inner
                     .es
                     .update(UpdateParts::IndexId(index, &req.lock_id))
+                    // concurrent first writes of one document conflict; the
+                    // engine re-runs the script, which then sees the winner
+                    .retry_on_conflict(CONFLICT_RETRIES)
                     ._source(&["true"])
                     .body(body.clone())
                     .send()
@@ -269,6 +274,7 @@ impl LockClient {
                 self.inner
                     .es
                     .update(UpdateParts::IndexId(index, lock_id))
+                    .retry_on_conflict(CONFLICT_RETRIES)
                     .body(body.clone())
                     .send()
             })
@@ -340,9 +346,12 @@ impl LockClient {
         let answer = self
             .send("extend", || {
                 let mut request = self.inner.es.update(UpdateParts::IndexId(index, lock_id));
-                if let Some((seq_no, primary_term)) = if_version {
-                    request = request.if_seq_no(seq_no as i64).if_primary_term(primary_term as i64);
-                }
+                request = match if_version {
+                    Some((seq_no, primary_term)) => {
+                        request.if_seq_no(seq_no as i64).if_primary_term(primary_term as i64)
+                    }
+                    None => request.retry_on_conflict(CONFLICT_RETRIES),
+                };
                 request.body(body.clone()).send()
             })
             .await?;

@@ -1,0 +1,621 @@
+//! The lock engine against the real search node: Kibana Lock Manager
+//! behaviours plus fencing tokens. Each test uses its own lock ids.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use chrono::Utc;
+use elasticsearch::indices::{IndicesCreateParts, IndicesGetSettingsParts};
+use elasticsearch::{GetParts, UpdateParts};
+use kube_lock_manager::engine::EngineArgs;
+use kube_lock_manager::lock::{AcquireRequest, LockClient, LockError, LockManager, WithLockOptions};
+use serde_json::{Value, json};
+
+const PREFIX: &str = "kube-locks-test";
+
+fn client(url: &str) -> LockClient {
+    common::lock_client(url, PREFIX)
+}
+
+async fn raw_document(client: &LockClient, lock_id: &str) -> Option<Value> {
+    let response = client
+        .elasticsearch()
+        .get(GetParts::IndexId(client.index(), lock_id))
+        .send()
+        .await
+        .unwrap();
+    let body: Value = response.json().await.unwrap();
+    (body["found"] == true).then(|| body["_source"].clone())
+}
+
+#[tokio::test]
+async fn acquire_release_and_metadata() {
+    let Some(url) = common::es_url() else { return };
+    let client = client(&url);
+    let id = common::unique("basic");
+    let lock = client
+        .acquire(&id, Duration::from_secs(30), json!({"owner": "team-a", "n": 1}))
+        .await
+        .unwrap()
+        .expect("a free lock is acquired");
+    assert_eq!(lock.metadata, json!({"owner": "team-a", "n": 1}));
+    assert_eq!((lock.expires_at - lock.created_at).num_milliseconds(), 30_000);
+
+    let seen = client.get(&id).await.unwrap().expect("get sees the lock");
+    assert_eq!(seen.token, lock.token);
+    assert_eq!(seen.metadata["owner"], "team-a");
+    assert_eq!(seen.fencing_token, lock.fencing_token);
+
+    assert!(client.release(&id, &lock.token).await.unwrap(), "holder releases");
+    assert!(client.get(&id).await.unwrap().is_none(), "released lock is gone");
+    assert!(
+        !client.release(&id, &lock.token).await.unwrap(),
+        "second release is harmless"
+    );
+    assert!(
+        raw_document(&client, &id).await.is_none(),
+        "release deletes the document"
+    );
+}
+
+#[tokio::test]
+async fn second_acquirer_fails_and_first_metadata_is_kept() {
+    let Some(url) = common::es_url() else { return };
+    let client = client(&url);
+    let id = common::unique("held");
+    let other = common::unique("other");
+    let first = client
+        .acquire(&id, Duration::from_secs(30), json!({"who": "first"}))
+        .await
+        .unwrap()
+        .unwrap();
+    let second = client
+        .acquire(&id, Duration::from_secs(30), json!({"who": "second"}))
+        .await
+        .unwrap();
+    assert!(second.is_none(), "a held lock is not acquired twice");
+    let seen = client.get(&id).await.unwrap().unwrap();
+    assert_eq!(seen.token, first.token);
+    assert_eq!(seen.metadata["who"], "first");
+    // different lock ids don't interfere
+    assert!(
+        client
+            .acquire(&other, Duration::from_secs(30), json!({}))
+            .await
+            .unwrap()
+            .is_some()
+    );
+}
+
+#[tokio::test]
+async fn expiry_hands_the_lock_to_a_new_token_and_fences_the_old_one() {
+    let Some(url) = common::es_url() else { return };
+    let client = client(&url);
+    let id = common::unique("expiry");
+    let first = client
+        .acquire(&id, Duration::from_millis(300), json!({"who": "first"}))
+        .await
+        .unwrap()
+        .unwrap();
+    // get hides the expired lock while the raw document remains
+    common::eventually("the lock to expire", Duration::from_secs(5), || async {
+        client.get(&id).await.unwrap().is_none().then_some(())
+    })
+    .await;
+    assert!(
+        raw_document(&client, &id).await.is_some(),
+        "the expired document is still stored"
+    );
+
+    let second = client
+        .acquire(&id, Duration::from_secs(30), json!({"who": "second"}))
+        .await
+        .unwrap();
+    let second = second.expect("an expired lock is taken over");
+    assert_ne!(second.token, first.token, "a takeover uses a new token");
+    assert_eq!(second.metadata["who"], "second");
+    assert!(second.fencing_token > first.fencing_token, "fencing token grows");
+    assert!(
+        !client.release(&id, &first.token).await.unwrap(),
+        "old holder cannot release"
+    );
+    assert!(
+        !client
+            .extend(&id, &first.token, Duration::from_secs(30), None)
+            .await
+            .unwrap(),
+        "old holder cannot extend"
+    );
+    assert_eq!(client.get(&id).await.unwrap().unwrap().token, second.token);
+    assert!(
+        client.release(&id, &second.token).await.unwrap(),
+        "new holder can release"
+    );
+}
+
+#[tokio::test]
+async fn waiting_acquirer_gets_the_lock_once_released() {
+    let Some(url) = common::es_url() else { return };
+    let client = client(&url);
+    let id = common::unique("wait");
+    let holder = client
+        .acquire(&id, Duration::from_secs(30), json!({}))
+        .await
+        .unwrap()
+        .unwrap();
+    let waiter = {
+        let client = client.clone();
+        let id = id.clone();
+        tokio::spawn(async move {
+            let req = AcquireRequest::new(&id, Duration::from_secs(30), json!({"who": "waiter"}));
+            client.acquire_with_wait(&req, Duration::from_secs(20)).await
+        })
+    };
+    // the waiter retries while the holder still holds the lock
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!waiter.is_finished(), "the waiter must not get a held lock");
+    assert!(client.release(&id, &holder.token).await.unwrap());
+    let got = waiter
+        .await
+        .unwrap()
+        .unwrap()
+        .expect("waiter acquires after the release");
+    assert_eq!(got.metadata["who"], "waiter");
+}
+
+#[tokio::test]
+async fn extend_moves_expiry_forward_and_fails_after_release() {
+    let Some(url) = common::es_url() else { return };
+    let client = client(&url);
+    let id = common::unique("extend");
+    let lock = client
+        .acquire(&id, Duration::from_secs(5), json!({}))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        client
+            .extend(&id, &lock.token, Duration::from_secs(60), None)
+            .await
+            .unwrap()
+    );
+    let seen = client.get(&id).await.unwrap().unwrap();
+    assert!(
+        seen.expires_at > lock.expires_at + chrono::Duration::seconds(50),
+        "expiresAt moved forward"
+    );
+    assert_eq!(
+        seen.fencing_token, lock.fencing_token,
+        "extension keeps the fencing token"
+    );
+    assert!(client.release(&id, &lock.token).await.unwrap());
+    assert!(
+        !client
+            .extend(&id, &lock.token, Duration::from_secs(60), None)
+            .await
+            .unwrap()
+    );
+}
+
+#[tokio::test]
+async fn twenty_concurrent_acquirers_one_winner_one_release() {
+    let Some(url) = common::es_url() else { return };
+    let client = client(&url);
+    let id = common::unique("race");
+    let attempts = (0..20).map(|i| {
+        let client = client.clone();
+        let id = id.clone();
+        tokio::spawn(async move { client.acquire(&id, Duration::from_secs(30), json!({"i": i})).await })
+    });
+    let results: Vec<_> = futures::future::join_all(attempts).await;
+    let winners: Vec<_> = results.into_iter().filter_map(|r| r.unwrap().unwrap()).collect();
+    assert_eq!(winners.len(), 1, "exactly one acquirer wins");
+
+    // every contender tries to release with its own token; only the winner's works
+    let mut tokens: Vec<String> = (0..19).map(|_| kube_lock_manager::lock::new_token()).collect();
+    tokens.push(winners[0].token.clone());
+    let releases = tokens.into_iter().map(|token| {
+        let client = client.clone();
+        let id = id.clone();
+        tokio::spawn(async move { client.release(&id, &token).await })
+    });
+    let released = futures::future::join_all(releases)
+        .await
+        .into_iter()
+        .filter(|r| *r.as_ref().unwrap().as_ref().unwrap())
+        .count();
+    assert_eq!(released, 1, "exactly one release succeeds");
+}
+
+#[tokio::test]
+async fn concurrent_non_holders_cannot_steal_a_held_lock() {
+    let Some(url) = common::es_url() else { return };
+    let client = client(&url);
+    let id = common::unique("steal");
+    let holder = client
+        .acquire(&id, Duration::from_secs(30), json!({}))
+        .await
+        .unwrap()
+        .unwrap();
+    let thieves = (0..20).map(|_| {
+        let client = client.clone();
+        let id = id.clone();
+        tokio::spawn(async move {
+            let released = client
+                .release(&id, &kube_lock_manager::lock::new_token())
+                .await
+                .unwrap();
+            let acquired = client
+                .acquire(&id, Duration::from_secs(30), json!({}))
+                .await
+                .unwrap()
+                .is_some();
+            released || acquired
+        })
+    });
+    let successes = futures::future::join_all(thieves)
+        .await
+        .into_iter()
+        .filter(|r| *r.as_ref().unwrap())
+        .count();
+    assert_eq!(successes, 0);
+    assert_eq!(
+        client.get(&id).await.unwrap().unwrap().token,
+        holder.token,
+        "the lock survives"
+    );
+}
+
+#[tokio::test]
+async fn token_changed_behind_the_holders_back_blocks_release() {
+    let Some(url) = common::es_url() else { return };
+    let client = client(&url);
+    let id = common::unique("tamper");
+    let lock = client
+        .acquire(&id, Duration::from_secs(30), json!({}))
+        .await
+        .unwrap()
+        .unwrap();
+    client
+        .elasticsearch()
+        .update(UpdateParts::IndexId(client.index(), &id))
+        .body(json!({"doc": {"token": "someone-else"}}))
+        .send()
+        .await
+        .unwrap();
+    assert!(!client.release(&id, &lock.token).await.unwrap());
+    assert_eq!(raw_document(&client, &id).await.unwrap()["token"], "someone-else");
+}
+
+#[tokio::test]
+async fn successive_acquisitions_get_fresh_tokens_and_growing_fencing_tokens() {
+    let Some(url) = common::es_url() else { return };
+    let client = client(&url);
+    let id = common::unique("fencing");
+    let mut tokens = Vec::new();
+    let mut fencing = Vec::new();
+    for _ in 0..5 {
+        let lock = client
+            .acquire(&id, Duration::from_secs(30), json!({}))
+            .await
+            .unwrap()
+            .unwrap();
+        // extensions in between must not disturb the order
+        assert!(
+            client
+                .extend(&id, &lock.token, Duration::from_secs(30), None)
+                .await
+                .unwrap()
+        );
+        tokens.push(lock.token.clone());
+        fencing.push(lock.fencing_token);
+        assert!(client.release(&id, &lock.token).await.unwrap());
+    }
+    // a new client (a process restart) continues the sequence
+    let fresh = common::lock_client(&url, PREFIX);
+    let lock = fresh
+        .acquire(&id, Duration::from_secs(30), json!({}))
+        .await
+        .unwrap()
+        .unwrap();
+    tokens.push(lock.token);
+    fencing.push(lock.fencing_token);
+    tokens.sort();
+    tokens.dedup();
+    assert_eq!(tokens.len(), 6, "every acquisition has a new token");
+    assert!(
+        fencing.windows(2).all(|w| w[0] < w[1]),
+        "fencing tokens strictly increase: {fencing:?}"
+    );
+}
+
+#[tokio::test]
+async fn lock_manager_keeps_its_token_kibana_style() {
+    let Some(url) = common::es_url() else { return };
+    let id = common::unique("manager");
+    let a = LockManager::new(client(&url), &id);
+    let b = LockManager::new(client(&url), &id);
+    assert!(a.acquire(Duration::from_secs(30), json!({"by": "a"})).await.unwrap());
+    assert!(!b.acquire(Duration::from_secs(30), json!({"by": "b"})).await.unwrap());
+    assert!(!b.release().await.unwrap(), "b holds nothing");
+    assert!(a.extend_ttl(Duration::from_secs(30)).await.unwrap());
+    assert_eq!(a.get().await.unwrap().unwrap().metadata["by"], "a");
+    assert!(a.release().await.unwrap());
+    assert!(b.acquire(Duration::from_secs(30), json!({"by": "b"})).await.unwrap());
+    assert_ne!(a.token(), b.token());
+}
+
+#[tokio::test]
+async fn with_lock_runs_once_among_concurrent_callers_and_returns_its_value() {
+    let Some(url) = common::es_url() else { return };
+    let client = client(&url);
+    let id = common::unique("withlock");
+    let runs = Arc::new(AtomicUsize::new(0));
+    let callers = (0..3).map(|i| {
+        let client = client.clone();
+        let id = id.clone();
+        let runs = runs.clone();
+        tokio::spawn(async move {
+            client
+                .with_lock(&id, WithLockOptions::default(), |_lock| async move {
+                    runs.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    Ok::<_, std::io::Error>(i * 10)
+                })
+                .await
+        })
+    });
+    let results: Vec<_> = futures::future::join_all(callers)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap())
+        .collect();
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "the function ran once");
+    let values: Vec<_> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
+    assert_eq!(values.len(), 1);
+    assert_eq!(*values[0] % 10, 0, "the function's value is returned");
+    let refused = results
+        .iter()
+        .filter(|r| matches!(r, Err(e) if e.is_acquisition_error()))
+        .count();
+    assert_eq!(refused, 2, "the others get the acquisition error");
+    assert!(client.get(&id).await.unwrap().is_none(), "released after success");
+}
+
+#[tokio::test]
+async fn with_lock_releases_after_an_error_and_refuses_a_held_lock() {
+    let Some(url) = common::es_url() else { return };
+    let client = client(&url);
+    let id = common::unique("withlock-err");
+    let result = client
+        .with_lock(&id, WithLockOptions::default(), |_| async { Err::<(), _>("boom") })
+        .await;
+    let err = result.unwrap_err();
+    assert!(!err.is_acquisition_error());
+    assert_eq!(err.to_string(), "boom");
+    assert!(client.get(&id).await.unwrap().is_none(), "released after an error");
+
+    let holder = client
+        .acquire(&id, Duration::from_secs(30), json!({}))
+        .await
+        .unwrap()
+        .unwrap();
+    let ran = AtomicUsize::new(0);
+    let result = client
+        .with_lock(&id, WithLockOptions::default(), |_| async {
+            ran.fetch_add(1, Ordering::SeqCst);
+            Ok::<_, String>(())
+        })
+        .await;
+    assert!(result.unwrap_err().is_acquisition_error());
+    assert_eq!(ran.load(Ordering::SeqCst), 0, "the function never ran");
+    assert_eq!(client.get(&id).await.unwrap().unwrap().token, holder.token);
+}
+
+#[tokio::test]
+async fn with_lock_keeps_a_short_lease_alive_through_a_longer_function() {
+    let Some(url) = common::es_url() else { return };
+    let client = client(&url);
+    let id = common::unique("withlock-renew");
+    let options = WithLockOptions {
+        ttl: Duration::from_millis(500),
+        ..WithLockOptions::default()
+    };
+    let checker = client.clone();
+    let id2 = id.clone();
+    let still_held_late = client
+        .with_lock(&id, options, |lock| async move {
+            tokio::time::sleep(Duration::from_millis(600)).await;
+            // past the original 500 ms the lock is still ours
+            let now = checker.get(&id2).await.unwrap();
+            Ok::<_, String>(now.map(|l| l.token) == Some(lock.token) && Utc::now() > lock.expires_at)
+        })
+        .await
+        .unwrap();
+    assert!(still_held_late, "the lease was extended while the function ran");
+    assert!(client.get(&id).await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn index_assets_have_the_right_mappings_and_settings_and_are_not_recreated() {
+    let Some(url) = common::es_url() else { return };
+    let prefix = common::unique("assets");
+    let client = common::lock_client(&url, &prefix);
+    let lock = client
+        .acquire("a", Duration::from_secs(30), json!({}))
+        .await
+        .unwrap()
+        .unwrap();
+    let mappings = client.assets().current_mappings().await.unwrap().unwrap();
+    assert_eq!(mappings["dynamic"], "false");
+    assert_eq!(mappings["properties"]["token"]["type"], "keyword");
+    assert_eq!(mappings["properties"]["expiresAt"]["type"], "date");
+    assert_eq!(mappings["properties"]["metadata"]["enabled"], false);
+    let settings: Value = client
+        .elasticsearch()
+        .indices()
+        .get_settings(IndicesGetSettingsParts::Index(&[client.index()]))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let index_settings = &settings[client.index()]["settings"]["index"];
+    assert_eq!(index_settings["number_of_shards"], "1");
+    assert_eq!(index_settings["auto_expand_replicas"], "0-1");
+    assert_eq!(index_settings["hidden"], "true");
+    let uuid = index_settings["uuid"].clone();
+
+    // a new process (new client) sets up again: the index and its locks stay
+    let again = common::lock_client(&url, &prefix);
+    assert!(
+        again
+            .acquire("b", Duration::from_secs(30), json!({}))
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert_eq!(
+        again.get("a").await.unwrap().unwrap().token,
+        lock.token,
+        "existing locks survive"
+    );
+    let settings: Value = again
+        .elasticsearch()
+        .indices()
+        .get_settings(IndicesGetSettingsParts::Index(&[again.index()]))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        settings[again.index()]["settings"]["index"]["uuid"],
+        uuid,
+        "index not recreated"
+    );
+}
+
+#[tokio::test]
+async fn index_with_wrong_mappings_is_recreated() {
+    let Some(url) = common::es_url() else { return };
+    let prefix = common::unique("broken");
+    let client = common::lock_client(&url, &prefix);
+    let created = client
+        .elasticsearch()
+        .indices()
+        .create(IndicesCreateParts::Index(client.index()))
+        .body(json!({"mappings": {"properties": {"token": {"type": "text"}, "expiresAt": {"type": "long"}}}}))
+        .send()
+        .await
+        .unwrap();
+    assert!(created.status_code().is_success());
+    assert!(
+        client
+            .acquire("x", Duration::from_secs(30), json!({}))
+            .await
+            .unwrap()
+            .is_some()
+    );
+    let mappings = client.assets().current_mappings().await.unwrap().unwrap();
+    assert_eq!(mappings["properties"]["token"]["type"], "keyword");
+    assert_eq!(mappings["properties"]["expiresAt"]["type"], "date");
+}
+
+#[tokio::test]
+async fn setup_is_safe_from_many_processes_at_once() {
+    let Some(url) = common::es_url() else { return };
+    let prefix = common::unique("parallel");
+    let clients: Vec<_> = (0..8).map(|_| common::lock_client(&url, &prefix)).collect();
+    let setups = clients.iter().map(|c| c.ensure_ready());
+    for result in futures::future::join_all(setups).await {
+        result.expect("concurrent setup succeeds");
+    }
+    // and in sequence, again
+    for c in &clients {
+        c.assets().ensure().await.expect("repeated setup succeeds");
+    }
+}
+
+#[tokio::test]
+async fn transient_503s_are_retried_three_times() {
+    let Some(url) = common::es_url() else { return };
+    // Set up the index through the real node first, so only lock calls go through the proxy.
+    client(&url).ensure_ready().await.unwrap();
+    for (failures, should_succeed) in [(3, true), (4, false)] {
+        let proxy = FlakyProxy::start(&url, failures).await;
+        let args = EngineArgs {
+            index_prefix: PREFIX.into(),
+            ..EngineArgs::for_url(&proxy.url)
+        };
+        let flaky = LockClient::from_args(&args).unwrap();
+        // assets go through the proxy too, but the proxy only fails the first requests
+        let id = common::unique("flaky");
+        let result = flaky.acquire(&id, Duration::from_secs(30), json!({})).await;
+        if should_succeed {
+            assert!(result.unwrap().is_some(), "{failures} transient failures are retried");
+        } else {
+            let err = result.unwrap_err();
+            assert!(matches!(err, LockError::Unavailable { attempts: 4, .. }), "{err}");
+            assert!(err.to_string().contains("503"), "the cause is named: {err}");
+        }
+        assert_eq!(proxy.failed(), failures);
+    }
+}
+
+/// A loopback HTTP proxy to the search node that answers 503 to its first N requests.
+struct FlakyProxy {
+    url: String,
+    failed: Arc<AtomicUsize>,
+}
+
+impl FlakyProxy {
+    async fn start(upstream: &str, failures: usize) -> Self {
+        use axum::body::Bytes;
+        use axum::http::{HeaderMap, Method, StatusCode, Uri};
+        let failed = Arc::new(AtomicUsize::new(0));
+        let upstream = upstream.trim_end_matches('/').to_string();
+        let http = reqwest::Client::new();
+        let counter = failed.clone();
+        let app = axum::Router::new().fallback(move |method: Method, uri: Uri, headers: HeaderMap, body: Bytes| {
+            let counter = counter.clone();
+            let http = http.clone();
+            let upstream = upstream.clone();
+            async move {
+                if counter.fetch_add(1, Ordering::SeqCst) < failures {
+                    return (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        HeaderMap::new(),
+                        Bytes::from_static(b"unavailable"),
+                    );
+                }
+                counter.fetch_sub(1, Ordering::SeqCst);
+                let target = format!("{upstream}{}", uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"));
+                let mut request = http.request(method, target).body(body);
+                if let Some(ct) = headers.get("content-type") {
+                    request = request.header("content-type", ct);
+                }
+                let response = request.send().await.unwrap();
+                let status = response.status();
+                let mut out = HeaderMap::new();
+                if let Some(ct) = response.headers().get("content-type") {
+                    out.insert("content-type", ct.clone());
+                }
+                (status, out, response.bytes().await.unwrap())
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Self { url, failed }
+    }
+
+    fn failed(&self) -> usize {
+        self.failed.load(Ordering::SeqCst)
+    }
+}
