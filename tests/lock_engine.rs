@@ -14,7 +14,7 @@ use kube_lock_manager::engine::EngineArgs;
 use kube_lock_manager::lock::{AcquireRequest, LockClient, LockError, LockManager, WithLockOptions};
 use serde_json::{Value, json};
 
-const PREFIX: &str = "kube-locks-test";
+const PREFIX: &str = "locktest";
 
 fn client(url: &str) -> LockClient {
     common::lock_client(url, PREFIX)

@@ -246,10 +246,13 @@ impl LockClient {
                     operation: "acquire",
                     message: format!("lock document: {e}"),
                 })?;
-                let fencing_token = doc.fencing_token.or(seq_no).ok_or(LockError::Response {
-                    operation: "acquire",
-                    message: "no _seq_no in the answer".into(),
-                })?;
+                let fencing_token = doc
+                    .fencing_token
+                    .or(seq_no.map(implied_fencing))
+                    .ok_or(LockError::Response {
+                        operation: "acquire",
+                        message: "no _seq_no in the answer".into(),
+                    })?;
                 Ok(Some(to_lock(&req.lock_id, doc, fencing_token)))
             }
             Some("noop") => Ok(None),
@@ -312,7 +315,7 @@ impl LockClient {
             if raw.document.token != token {
                 return Ok(false);
             }
-            let fencing = raw.document.fencing_token.unwrap_or(raw.seq_no);
+            let fencing = raw.document.fencing_token.unwrap_or(implied_fencing(raw.seq_no));
             match self
                 .extend_once(lock_id, token, ttl_ms, fencing, Some((raw.seq_no, raw.primary_term)))
                 .await
@@ -480,9 +483,15 @@ pub struct RawLock {
 
 impl RawLock {
     pub fn into_lock(self, lock_id: &str) -> Lock {
-        let fencing = self.document.fencing_token.unwrap_or(self.seq_no);
+        let fencing = self.document.fencing_token.unwrap_or(implied_fencing(self.seq_no));
         to_lock(lock_id, self.document, fencing)
     }
+}
+
+/// The fencing token of a grant whose document was last written at `seq_no`
+/// (sequence numbers start at 0; fencing tokens at 1).
+fn implied_fencing(seq_no: u64) -> u64 {
+    seq_no + 1
 }
 
 fn to_lock(lock_id: &str, doc: LockDocument, fencing_token: u64) -> Lock {

@@ -14,3 +14,8 @@ pub use client::{
 };
 pub use error::{LockError, WithLockError};
 pub use manager::{Lease, LockManager, WithLockOptions};
+
+/// An error and its causes on one line, for the single line `lockctl` prints.
+pub fn error_line(error: &dyn std::error::Error) -> String {
+    client::error_chain(error)
+}

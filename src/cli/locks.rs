@@ -1,0 +1,259 @@
+//! `lockctl acquire | release | extend | get | exec`: the lock engine without Kubernetes.
+
+use std::process::ExitStatus;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+use serde_json::Value;
+
+use super::CliError;
+use crate::duration::parse_duration;
+use crate::engine::EngineArgs;
+use crate::lock::{AcquireRequest, DEFAULT_TTL, Lease, Lock, LockClient};
+
+/// Exit code of `lockctl exec` when the lock could not be acquired (EX_TEMPFAIL).
+pub const EXIT_NOT_ACQUIRED: i32 = 75;
+
+#[derive(Clone, Copy, Debug, Default, ValueEnum)]
+pub enum Output {
+    /// The token alone.
+    #[default]
+    Token,
+    /// The lock as JSON.
+    Json,
+}
+
+#[derive(Args, Debug)]
+pub struct AcquireArgs {
+    /// Lock key (also shared with Kubernetes requests: `<namespace>/<lockId>` or a cluster-scoped id).
+    pub lock_id: String,
+    /// Lease length.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub ttl: Duration,
+    /// JSON object stored with the lock.
+    #[arg(long, value_parser = parse_metadata)]
+    pub metadata: Option<Value>,
+    /// Who holds it (display text).
+    #[arg(long)]
+    pub holder: Option<String>,
+    /// Keep retrying for this long while someone else holds the lock.
+    #[arg(long, value_parser = parse_duration)]
+    pub wait: Option<Duration>,
+    #[arg(short = 'o', long = "output", value_enum, default_value_t)]
+    pub output: Output,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct ReleaseArgs {
+    pub lock_id: String,
+    /// The token printed by `lockctl acquire`.
+    #[arg(long)]
+    pub token: String,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct ExtendArgs {
+    pub lock_id: String,
+    #[arg(long)]
+    pub token: String,
+    /// New lease length from now.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub ttl: Duration,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct GetArgs {
+    pub lock_id: String,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct ExecArgs {
+    pub lock_id: String,
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub ttl: Duration,
+    /// Keep retrying for this long while someone else holds the lock.
+    #[arg(long, value_parser = parse_duration)]
+    pub wait: Option<Duration>,
+    #[arg(long, value_parser = parse_metadata)]
+    pub metadata: Option<Value>,
+    #[arg(long)]
+    pub holder: Option<String>,
+    /// The command to run while holding the lock. It sees LOCK_TOKEN and LOCK_FENCING_TOKEN.
+    #[arg(required = true, last = true)]
+    pub command: Vec<String>,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+}
+
+/// `--metadata` must be a JSON object.
+pub fn parse_metadata(text: &str) -> Result<Value, String> {
+    let value: Value = serde_json::from_str(text).map_err(|e| format!("invalid JSON: {e}"))?;
+    if !value.is_object() {
+        return Err("metadata must be a JSON object, e.g. '{\"owner\":\"team-a\"}'".into());
+    }
+    Ok(value)
+}
+
+fn request(lock_id: &str, ttl: Duration, metadata: Option<Value>, holder: Option<String>) -> AcquireRequest {
+    AcquireRequest {
+        holder,
+        ..AcquireRequest::new(lock_id, ttl, metadata.unwrap_or(Value::Null))
+    }
+}
+
+async fn acquire_once_or_wait(
+    client: &LockClient,
+    req: &AcquireRequest,
+    wait: Option<Duration>,
+) -> Result<Option<Lock>, CliError> {
+    Ok(match wait {
+        Some(wait) => client.acquire_with_wait(req, wait).await?,
+        None => client.try_acquire(req).await?,
+    })
+}
+
+pub async fn acquire(args: AcquireArgs) -> Result<i32, CliError> {
+    let client = LockClient::from_args(&args.engine)?;
+    let req = request(&args.lock_id, args.ttl, args.metadata, args.holder);
+    match acquire_once_or_wait(&client, &req, args.wait).await? {
+        Some(lock) => {
+            match args.output {
+                Output::Token => println!("{}", lock.token),
+                Output::Json => println!("{}", serde_json::to_string_pretty(&lock)?),
+            }
+            Ok(0)
+        }
+        None => {
+            eprintln!("lockctl: lock {:?} is held by someone else", args.lock_id);
+            Ok(1)
+        }
+    }
+}
+
+pub async fn release(args: ReleaseArgs) -> Result<i32, CliError> {
+    let client = LockClient::from_args(&args.engine)?;
+    if client.release(&args.lock_id, &args.token).await? {
+        Ok(0)
+    } else {
+        eprintln!("lockctl: lock {:?} is not held by that token", args.lock_id);
+        Ok(1)
+    }
+}
+
+pub async fn extend(args: ExtendArgs) -> Result<i32, CliError> {
+    let client = LockClient::from_args(&args.engine)?;
+    if client.extend(&args.lock_id, &args.token, args.ttl, None).await? {
+        Ok(0)
+    } else {
+        eprintln!("lockctl: lock {:?} is not held by that token", args.lock_id);
+        Ok(1)
+    }
+}
+
+pub async fn get(args: GetArgs) -> Result<i32, CliError> {
+    let client = LockClient::from_args(&args.engine)?;
+    match client.get(&args.lock_id).await? {
+        Some(lock) => {
+            println!("{}", serde_json::to_string_pretty(&lock)?);
+            Ok(0)
+        }
+        None => {
+            eprintln!("lockctl: no live lock {:?}", args.lock_id);
+            Ok(1)
+        }
+    }
+}
+
+/// Runs the command while holding the lock; forwards SIGTERM/SIGINT to it;
+/// releases when it exits; exits with its code.
+pub async fn exec(args: ExecArgs) -> Result<i32, CliError> {
+    use tokio::signal::unix::{SignalKind, signal};
+
+    let client = LockClient::from_args(&args.engine)?;
+    let req = request(&args.lock_id, args.ttl, args.metadata, args.holder);
+    let Some(lock) = acquire_once_or_wait(&client, &req, args.wait).await? else {
+        eprintln!(
+            "lockctl: could not acquire lock {:?}: it is held by someone else",
+            args.lock_id
+        );
+        return Ok(EXIT_NOT_ACQUIRED);
+    };
+    let mut child = match tokio::process::Command::new(&args.command[0])
+        .args(&args.command[1..])
+        .env("LOCK_ID", &lock.lock_id)
+        .env("LOCK_TOKEN", &lock.token)
+        .env("LOCK_FENCING_TOKEN", lock.fencing_token.to_string())
+        .spawn()
+    {
+        Ok(child) => child,
+        Err(e) => {
+            client.release(&lock.lock_id, &lock.token).await.ok();
+            return Err(CliError::Spawn(args.command[0].clone(), e));
+        }
+    };
+    let lease = Lease::start(client.clone(), lock.clone(), args.ttl);
+    let mut lost = lease.lost_signal();
+    let mut sigterm = signal(SignalKind::terminate()).map_err(CliError::Signal)?;
+    let mut sigint = signal(SignalKind::interrupt()).map_err(CliError::Signal)?;
+    let mut lock_lost = false;
+    let status: ExitStatus = loop {
+        tokio::select! {
+            status = child.wait() => break status.map_err(CliError::Wait)?,
+            _ = sigterm.recv() => forward(&child, nix::sys::signal::Signal::SIGTERM),
+            _ = sigint.recv() => forward(&child, nix::sys::signal::Signal::SIGINT),
+            Ok(()) = lost.changed(), if !lock_lost => {
+                if *lost.borrow() {
+                    lock_lost = true;
+                    eprintln!("lockctl: lock {:?} was lost to another owner; stopping the command", lock.lock_id);
+                    forward(&child, nix::sys::signal::Signal::SIGTERM);
+                }
+            }
+        }
+    };
+    lease.stop().await;
+    if let Err(e) = client.release(&lock.lock_id, &lock.token).await {
+        eprintln!(
+            "lockctl: could not release lock {:?} (it expires by itself): {e}",
+            lock.lock_id
+        );
+    }
+    let code = exit_code(status);
+    Ok(if lock_lost { code.max(1) } else { code })
+}
+
+fn forward(child: &tokio::process::Child, signal: nix::sys::signal::Signal) {
+    if let Some(pid) = child.id() {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal);
+    }
+}
+
+/// The child's exit code; 128 + signal number when a signal ended it (as shells do).
+fn exit_code(status: ExitStatus) -> i32 {
+    use std::os::unix::process::ExitStatusExt;
+    status.code().or_else(|| status.signal().map(|s| 128 + s)).unwrap_or(1)
+}
+
+/// The default lease length, for help texts.
+pub fn default_ttl() -> Duration {
+    DEFAULT_TTL
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metadata_must_be_a_json_object() {
+        assert!(parse_metadata(r#"{"a":1}"#).is_ok());
+        assert!(parse_metadata("[1]").unwrap_err().contains("JSON object"));
+        assert!(parse_metadata("{oops").unwrap_err().contains("invalid JSON"));
+    }
+}

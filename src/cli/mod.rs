@@ -1,0 +1,110 @@
+//! The `lockctl` command line: one binary for the operator, the init-container
+//! helper and direct use of the lock index.
+
+pub mod locks;
+
+use clap::{Parser, Subcommand};
+
+use crate::engine::ConfigError;
+use crate::lock::LockError;
+
+/// Exit code for errors (bad input, unreachable engine, refused credentials).
+pub const EXIT_ERROR: i32 = 2;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "lockctl",
+    version,
+    about = "Distributed locks for Kubernetes workloads, backed by Elasticsearch/OpenSearch"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+    /// Log format.
+    #[arg(long, value_enum, default_value = "text", global = true, env = "LOG_FORMAT")]
+    pub log_format: crate::telemetry::LogFormat,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the controller.
+    Operator(Box<crate::controller::OperatorArgs>),
+    /// Print the DistributedLock CustomResourceDefinition as YAML.
+    Crd,
+    /// Wait until a DistributedLock is Granted (init-container helper).
+    Wait(crate::wait::WaitArgs),
+    /// Acquire a lock in the index; prints the token. Exit 0 acquired, 1 held by someone else, 2 error.
+    Acquire(locks::AcquireArgs),
+    /// Release a lock held with TOKEN. Exit 0 released, 1 not held by that token, 2 error.
+    Release(locks::ReleaseArgs),
+    /// Extend a lock held with TOKEN. Exit 0 extended, 1 not held by that token, 2 error.
+    Extend(locks::ExtendArgs),
+    /// Print the live lock as JSON. Exit 1 if there is none or it expired.
+    Get(locks::GetArgs),
+    /// Run a command while holding the lock; exit with its code (75 if the lock could not be had).
+    Exec(locks::ExecArgs),
+}
+
+/// Errors that end a `lockctl` command with exit code 2 and one line on stderr.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error(transparent)]
+    Lock(#[from] LockError),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot start {0:?}: {1}")]
+    Spawn(String, #[source] std::io::Error),
+    #[error("waiting for the command failed: {0}")]
+    Wait(#[source] std::io::Error),
+    #[error("cannot install signal handlers: {0}")]
+    Signal(#[source] std::io::Error),
+    #[error("cannot encode JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error(transparent)]
+    Operator(#[from] crate::controller::OperatorError),
+    #[error(transparent)]
+    WaitFor(#[from] crate::wait::WaitError),
+}
+
+impl Cli {
+    /// Parses the command line, runs the command and returns the process exit code.
+    pub fn parse_and_run() -> i32 {
+        let cli = Cli::parse();
+        let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+            Ok(rt) => rt,
+            Err(e) => {
+                eprintln!("lockctl: error: cannot start the async runtime: {e}");
+                return EXIT_ERROR;
+            }
+        };
+        runtime.block_on(cli.run())
+    }
+
+    async fn run(self) -> i32 {
+        let operator = matches!(self.command, Command::Operator(_));
+        crate::telemetry::init(self.log_format, if operator { "info" } else { "warn" });
+        let result = match self.command {
+            Command::Operator(args) => crate::controller::run(*args).await.map(|_| 0).map_err(CliError::from),
+            Command::Crd => match crate::crd::crd_yaml() {
+                Ok(yaml) => {
+                    print!("{yaml}");
+                    Ok(0)
+                }
+                Err(e) => Err(CliError::Config(ConfigError::Build(e.to_string()))),
+            },
+            Command::Wait(args) => crate::wait::run(args).await.map_err(CliError::from),
+            Command::Acquire(args) => locks::acquire(args).await,
+            Command::Release(args) => locks::release(args).await,
+            Command::Extend(args) => locks::extend(args).await,
+            Command::Get(args) => locks::get(args).await,
+            Command::Exec(args) => locks::exec(args).await,
+        };
+        match result {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("lockctl: error: {}", crate::lock::error_line(&e));
+                EXIT_ERROR
+            }
+        }
+    }
+}

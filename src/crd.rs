@@ -1,0 +1,295 @@
+//! The `DistributedLock` custom resource: a request for a lock, and its grant.
+//! `lockctl crd` prints the CRD generated from these types; `crds/` holds it.
+
+use std::time::Duration;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::core::crd::CustomResourceExt;
+use kube::{CustomResource, KubeSchema};
+use schemars::{Schema, SchemaGenerator, json_schema};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::duration::parse_duration;
+
+/// API group of our resources.
+pub const GROUP: &str = "lockmanager.dev";
+/// Finalizer that keeps a request until its lock is released.
+pub const FINALIZER: &str = "lockmanager.dev/release";
+/// Field manager of everything the controller writes.
+pub const FIELD_MANAGER: &str = "kube-lock-manager";
+/// Lease length when `spec.ttl` is unset.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(30);
+
+/// A request for a distributed lock. The controller grants it by acquiring
+/// the lock document in the lock index, renews the lease while the holder
+/// runs and releases it when the request is deleted or its holder finishes.
+// clippy reads the repeated `printcolumn(type_ = ...)` keys as duplicated attributes.
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "lockmanager.dev",
+    version = "v1alpha1",
+    kind = "DistributedLock",
+    plural = "distributedlocks",
+    singular = "distributedlock",
+    shortname = "lock",
+    shortname = "locks",
+    shortname = "dlock",
+    namespaced,
+    status = "DistributedLockStatus",
+    printcolumn(
+        name = "Lock",
+        type_ = "string",
+        json_path = ".spec.lockId",
+        description = "The lock requested"
+    ),
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(name = "Holder", type_ = "string", json_path = ".status.holder"),
+    printcolumn(name = "Fencing", type_ = "integer", json_path = ".status.fencingToken"),
+    printcolumn(name = "Expires", type_ = "string", json_path = ".status.expiresAt"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    printcolumn(
+        name = "Position",
+        type_ = "integer",
+        json_path = ".status.waitingPosition",
+        priority = "1"
+    ),
+    printcolumn(name = "Priority", type_ = "integer", json_path = ".spec.priority", priority = "1"),
+    printcolumn(name = "Scope", type_ = "string", json_path = ".spec.scope", priority = "1")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct DistributedLockSpec {
+    /// Name of the lock. Requests with the same lockId (in the same namespace,
+    /// or anywhere for scope Cluster) contend for one lock. 1..200 characters
+    /// of A-Z a-z 0-9 . _ : -. Immutable.
+    #[schemars(length(min = 1, max = 200), regex(pattern = r"^[A-Za-z0-9._:-]+$"))]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("spec.lockId is immutable"))]
+    pub lock_id: String,
+
+    /// Namespace (default): the lock key is "<namespace>/<lockId>". Cluster:
+    /// the key is "<lockId>", shared with every namespace, other clusters and
+    /// clients outside Kubernetes using the same index. Immutable.
+    #[serde(default)]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("spec.scope is immutable"))]
+    pub scope: LockScope,
+
+    /// Lease length, 1s..24h (default 30s). The lease is renewed every ttl/4
+    /// while the lock is held; a holder that vanishes loses it after ttl.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"))]
+    #[x_kube(validation = Rule::new("duration(self) >= duration('1s') && duration(self) <= duration('24h')").message("spec.ttl must be between 1s and 24h"))]
+    pub ttl: Option<String>,
+
+    /// Free-form data stored with the lock document (never indexed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "free_form_object")]
+    pub metadata: Option<Value>,
+
+    /// Display text for who holds the lock; default: the holderRef, else the object's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 256))]
+    pub holder: Option<String>,
+
+    /// Higher priority is granted first; equal priority: the oldest request first.
+    #[serde(default)]
+    pub priority: i32,
+
+    /// Give up waiting after this long (e.g. 10m): phase Failed, reason Timeout. Unset: wait forever.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"))]
+    pub acquire_timeout: Option<String>,
+
+    /// A Job or Pod in this namespace whose life bounds the lock: when the Job
+    /// completes or fails, or the Pod terminates or disappears, the lock is released.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub holder_ref: Option<HolderRef>,
+}
+
+/// Who shares a lock key.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, schemars::JsonSchema)]
+pub enum LockScope {
+    /// The key is "<namespace>/<lockId>".
+    #[default]
+    Namespace,
+    /// The key is "<lockId>", shared across namespaces and clusters.
+    Cluster,
+}
+
+/// A workload in the request's namespace that holds the lock.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, schemars::JsonSchema)]
+pub struct HolderRef {
+    /// Job or Pod.
+    pub kind: HolderKind,
+    /// Name of the Job or Pod.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+}
+
+/// Kinds a holderRef may point at.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, schemars::JsonSchema)]
+pub enum HolderKind {
+    Job,
+    Pod,
+}
+
+/// Where a request stands.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, schemars::JsonSchema)]
+pub enum Phase {
+    /// Waiting in the queue for the lock.
+    #[default]
+    Pending,
+    /// Holds the lock (see token, fencingToken, expiresAt).
+    Granted,
+    /// Held the lock and gave it back.
+    Released,
+    /// Held the lock and its lease ran out before it was renewed.
+    Expired,
+    /// Held the lock until another owner took it.
+    Lost,
+    /// Will never get the lock (see the Granted condition's reason).
+    Failed,
+}
+
+impl Phase {
+    /// Released, Expired, Lost and Failed requests never acquire again.
+    pub fn is_final(self) -> bool {
+        matches!(self, Phase::Released | Phase::Expired | Phase::Lost | Phase::Failed)
+    }
+}
+
+/// The grant (or the place in the queue) as the controller last saw it.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DistributedLockStatus {
+    /// Pending, Granted, Released, Expired, Lost or Failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+    /// The lock key in the index ("<namespace>/<lockId>" or "<lockId>").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lock_key: Option<String>,
+    /// The lock token, while Granted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    /// Grows with every grant of this lock key; downstream systems can reject
+    /// writes carrying a smaller one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fencing_token: Option<i64>,
+    /// Who holds the lock.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub holder: Option<String>,
+    /// When the lock was granted (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acquired_at: Option<String>,
+    /// When the lease runs out unless renewed (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
+    /// When the lease was last renewed (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub renewed_at: Option<String>,
+    /// While Pending: place in this cluster's queue for the lock, 1 = next.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting_position: Option<i32>,
+    /// Arrival order: the resourceVersion the request had when the controller
+    /// first saw it. Breaks ties between requests created in the same second.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_sequence: Option<u64>,
+    /// The generation of the spec this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Granted: whether the lock is held, with the reason (Acquired, Waiting,
+    /// Released, Expired, Lost, Timeout, ScopeNotAllowed, IndexUnreachable...).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}
+
+fn free_form_object(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({
+        "type": "object",
+        "x-kubernetes-preserve-unknown-fields": true
+    })
+}
+
+impl DistributedLockSpec {
+    /// The lock key in the index for a request in `namespace`.
+    pub fn lock_key(&self, namespace: &str) -> String {
+        match self.scope {
+            LockScope::Namespace => format!("{namespace}/{}", self.lock_id),
+            LockScope::Cluster => self.lock_id.clone(),
+        }
+    }
+
+    /// The lease length (spec.ttl or 30s). The API server has validated the format.
+    pub fn ttl(&self) -> Result<Duration, String> {
+        match &self.ttl {
+            Some(text) => parse_duration(text),
+            None => Ok(DEFAULT_TTL),
+        }
+    }
+
+    pub fn acquire_timeout(&self) -> Result<Option<Duration>, String> {
+        self.acquire_timeout.as_deref().map(parse_duration).transpose()
+    }
+}
+
+/// The CRD as YAML, the content of `crds/distributedlocks.yaml`.
+pub fn crd_yaml() -> Result<String, serde_yaml::Error> {
+    let crd = DistributedLock::crd();
+    Ok(format!(
+        "# Generated by `lockctl crd` from src/crd.rs; do not edit.\n---\n{}",
+        serde_yaml::to_string(&crd)?
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(lock_id: &str, scope: LockScope) -> DistributedLockSpec {
+        DistributedLockSpec {
+            lock_id: lock_id.into(),
+            scope,
+            ttl: None,
+            metadata: None,
+            holder: None,
+            priority: 0,
+            acquire_timeout: None,
+            holder_ref: None,
+        }
+    }
+
+    #[test]
+    fn lock_keys_follow_the_scope() {
+        assert_eq!(spec("reindex", LockScope::Namespace).lock_key("batch"), "batch/reindex");
+        assert_eq!(spec("reindex", LockScope::Cluster).lock_key("batch"), "reindex");
+    }
+
+    #[test]
+    fn ttl_defaults_to_thirty_seconds() {
+        assert_eq!(spec("a", LockScope::Namespace).ttl(), Ok(Duration::from_secs(30)));
+    }
+
+    #[test]
+    fn crd_has_the_contracted_names_columns_and_validation() {
+        let crd = serde_json::to_value(DistributedLock::crd()).unwrap();
+        assert_eq!(crd["metadata"]["name"], "distributedlocks.lockmanager.dev");
+        assert_eq!(
+            crd["spec"]["names"]["shortNames"],
+            serde_json::json!(["lock", "locks", "dlock"])
+        );
+        let version = &crd["spec"]["versions"][0];
+        assert_eq!(version["name"], "v1alpha1");
+        assert!(version["subresources"]["status"].is_object());
+        let columns: Vec<_> = version["additionalPrinterColumns"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c.get("priority").is_none())
+            .map(|c| c["name"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(columns, ["Lock", "Phase", "Holder", "Fencing", "Expires", "Age"]);
+        let text = crd.to_string();
+        assert!(text.contains("spec.lockId is immutable"));
+        assert!(text.contains("spec.ttl must be between 1s and 24h"));
+    }
+}

@@ -1,0 +1,198 @@
+//! `lockctl wait NAME`: the init-container helper. Watches one DistributedLock
+//! until it is Granted, then hands the token and fencing token to the Pod.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Args;
+use futures::{StreamExt, TryStreamExt};
+use kube::api::Api;
+use kube::runtime::watcher::{self, Event};
+
+use crate::crd::{DistributedLock, Phase};
+use crate::duration::parse_duration;
+
+/// Exit code when the lock will never be granted (Failed, Lost, deleted...).
+pub const EXIT_NOT_GRANTED: i32 = 1;
+/// Exit code when --timeout passed first (as `timeout(1)`).
+pub const EXIT_TIMEOUT: i32 = 124;
+
+#[derive(Args, Debug)]
+pub struct WaitArgs {
+    /// Name of the DistributedLock.
+    pub name: String,
+    /// Namespace of the DistributedLock (default: the Pod's or the kubeconfig's).
+    #[arg(short = 'n', long, env = "LOCK_NAMESPACE")]
+    pub namespace: Option<String>,
+    /// Give up after this long.
+    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    pub timeout: Duration,
+    /// Write the lock token here; the fencing token goes to `fencing-token`
+    /// and the whole grant as JSON to `lock.json` in the same directory.
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WaitError {
+    #[error("cannot load the kubeconfig or in-cluster configuration: {0}")]
+    Config(String),
+    #[error("distributedlock {namespace}/{name} does not exist")]
+    NotFound { namespace: String, name: String },
+    #[error(
+        "not allowed to read distributedlock {namespace}/{name} (bind the lock-waiter ClusterRole to this ServiceAccount): {message}"
+    )]
+    Forbidden {
+        namespace: String,
+        name: String,
+        message: String,
+    },
+    #[error("Kubernetes API: {0}")]
+    Api(String),
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What the wait ended with.
+enum Outcome {
+    Granted(Box<DistributedLock>),
+    NotGranted(String),
+}
+
+pub async fn run(args: WaitArgs) -> Result<i32, WaitError> {
+    let client = kube::Client::try_default()
+        .await
+        .map_err(|e| WaitError::Config(crate::lock::error_line(&e)))?;
+    let namespace = args
+        .namespace
+        .clone()
+        .unwrap_or_else(|| client.default_namespace().to_string());
+    let api: Api<DistributedLock> = Api::namespaced(client, &namespace);
+    let outcome = tokio::time::timeout(args.timeout, wait_for_grant(&api, &namespace, &args.name)).await;
+    match outcome {
+        Err(_) => {
+            eprintln!(
+                "lockctl: timed out after {} waiting for distributedlock {namespace}/{} to be granted",
+                crate::duration::format_duration(args.timeout),
+                args.name
+            );
+            Ok(EXIT_TIMEOUT)
+        }
+        Ok(Err(e)) => Err(e),
+        Ok(Ok(Outcome::NotGranted(why))) => {
+            eprintln!(
+                "lockctl: distributedlock {namespace}/{} will not be granted: {why}",
+                args.name
+            );
+            Ok(EXIT_NOT_GRANTED)
+        }
+        Ok(Ok(Outcome::Granted(lock))) => {
+            let status = lock.status.clone().unwrap_or_default();
+            if let Some(path) = &args.token_file {
+                write_grant(path, &lock)?;
+            }
+            println!(
+                "granted {} (fencing token {})",
+                status.lock_key.unwrap_or_default(),
+                status.fencing_token.unwrap_or_default()
+            );
+            Ok(0)
+        }
+    }
+}
+
+fn classify(namespace: &str, name: &str, e: kube::Error) -> WaitError {
+    match &e {
+        kube::Error::Api(s) if s.code == 404 => WaitError::NotFound {
+            namespace: namespace.into(),
+            name: name.into(),
+        },
+        kube::Error::Api(s) if s.code == 403 => WaitError::Forbidden {
+            namespace: namespace.into(),
+            name: name.into(),
+            message: s.message.clone(),
+        },
+        _ => WaitError::Api(crate::lock::error_line(&e)),
+    }
+}
+
+/// The decision for one observed state of the request.
+fn judge(lock: &DistributedLock) -> Option<Result<(), String>> {
+    let status = lock.status.as_ref()?;
+    let reason = || {
+        status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Granted")
+            .map(|c| format!("{}: {}", c.reason, c.message))
+            .unwrap_or_default()
+    };
+    match status.phase? {
+        Phase::Granted if status.token.is_some() => Some(Ok(())),
+        Phase::Granted | Phase::Pending => None,
+        phase => Some(Err(format!("phase {phase:?} ({})", reason()))),
+    }
+}
+
+async fn wait_for_grant(api: &Api<DistributedLock>, namespace: &str, name: &str) -> Result<Outcome, WaitError> {
+    // Read once, so a missing object or a denied read is reported as such.
+    let current = api.get(name).await.map_err(|e| classify(namespace, name, e))?;
+    if let Some(decision) = judge(&current) {
+        return Ok(decide(decision, current));
+    }
+    let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
+    let mut events = watcher::watcher(api.clone(), config).boxed();
+    while let Some(event) = events.try_next().await.map_err(|e| WaitError::Api(e.to_string()))? {
+        match event {
+            Event::Apply(lock) | Event::InitApply(lock) => {
+                if let Some(decision) = judge(&lock) {
+                    return Ok(decide(decision, lock));
+                }
+            }
+            Event::Delete(_) => return Ok(Outcome::NotGranted("the request was deleted".into())),
+            Event::Init | Event::InitDone => {}
+        }
+    }
+    Ok(Outcome::NotGranted("the watch ended".into()))
+}
+
+fn decide(decision: Result<(), String>, lock: DistributedLock) -> Outcome {
+    match decision {
+        Ok(()) => Outcome::Granted(Box::new(lock)),
+        Err(why) => Outcome::NotGranted(why),
+    }
+}
+
+/// Writes the token, the fencing token and the grant as JSON next to each other.
+fn write_grant(token_file: &Path, lock: &DistributedLock) -> Result<(), WaitError> {
+    let status = lock.status.clone().unwrap_or_default();
+    let dir = token_file
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let write = |path: PathBuf, content: String| {
+        std::fs::write(&path, content).map_err(|source| WaitError::Write { path, source })
+    };
+    std::fs::create_dir_all(dir).map_err(|source| WaitError::Write {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    write(token_file.to_path_buf(), status.token.clone().unwrap_or_default())?;
+    write(
+        dir.join("fencing-token"),
+        status.fencing_token.unwrap_or_default().to_string(),
+    )?;
+    let grant = serde_json::json!({
+        "lockId": lock.spec.lock_id,
+        "lockKey": status.lock_key,
+        "token": status.token,
+        "fencingToken": status.fencing_token,
+        "acquiredAt": status.acquired_at,
+        "expiresAt": status.expires_at,
+    });
+    write(dir.join("lock.json"), format!("{grant:#}\n"))
+}
