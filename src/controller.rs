@@ -45,6 +45,9 @@ pub struct OperatorArgs {
     /// Address of the HTTP server for /metrics, /healthz and /readyz.
     #[arg(long, env = "HTTP_ADDR", default_value = "0.0.0.0:8080")]
     pub http_addr: SocketAddr,
+    /// Only manage DistributedLocks with these labels (e.g. `shard=a`); default: all.
+    #[arg(long, env = "LOCK_SELECTOR")]
+    pub selector: Option<String>,
     /// Longest wait before re-checking a lock held outside this cluster.
     #[arg(long, default_value = "5s", value_parser = crate::duration::parse_duration)]
     pub max_retry_interval: Duration,
@@ -112,6 +115,9 @@ pub struct Context {
     pub wake: mpsc::UnboundedSender<ObjectRef<DistributedLock>>,
     pub cluster_scope_namespaces: Option<HashSet<String>>,
     pub max_retry_interval: Duration,
+    /// The resourceVersion each request had when the watcher first delivered
+    /// it (by UID): its place in line until `status.queueSequence` records it.
+    pub first_seen: Arc<std::sync::Mutex<std::collections::HashMap<String, u64>>>,
     /// When this controller last released a key (for the handoff histogram).
     pub released_at: std::sync::Mutex<std::collections::HashMap<String, Instant>>,
 }
@@ -152,9 +158,16 @@ pub async fn run(args: OperatorArgs) -> Result<(), OperatorError> {
     // Our own reflector, so that readiness follows the watcher's first full list.
     let (store, writer) = reflector::store();
     let synced = readiness.clone();
-    let lock_events = watcher::watcher(locks_api, watcher::Config::default().any_semantic())
+    let first_seen: Arc<std::sync::Mutex<std::collections::HashMap<String, u64>>> = Default::default();
+    let sightings = first_seen.clone();
+    let mut lock_watch = watcher::Config::default().any_semantic();
+    if let Some(selector) = &args.selector {
+        lock_watch = lock_watch.labels(selector);
+    }
+    let lock_events = watcher::watcher(locks_api, lock_watch)
         .default_backoff()
         .inspect_ok(move |event| {
+            record_sighting(&sightings, event);
             if matches!(event, watcher::Event::InitDone) && !synced.synced.swap(true, Ordering::Relaxed) {
                 tracing::info!("DistributedLock watcher synced");
             }
@@ -180,6 +193,7 @@ pub async fn run(args: OperatorArgs) -> Result<(), OperatorError> {
             .then(|| args.cluster_scope_namespaces.iter().cloned().collect()),
         max_retry_interval: args.max_retry_interval,
         released_at: Default::default(),
+        first_seen,
     });
     tracing::info!(index = %ctx.locks.index(), "operator started");
     controller
@@ -201,6 +215,39 @@ pub async fn run(args: OperatorArgs) -> Result<(), OperatorError> {
     http.abort();
     tracing::info!("operator stopped");
     Ok(())
+}
+
+/// Remembers the resourceVersion of each request's first watch event: the
+/// watcher delivers creations in the order the API server stored them.
+fn record_sighting(
+    seen: &std::sync::Mutex<std::collections::HashMap<String, u64>>,
+    event: &watcher::Event<DistributedLock>,
+) {
+    let mut seen = seen.lock().unwrap_or_else(|p| p.into_inner());
+    match event {
+        watcher::Event::Apply(lock) | watcher::Event::InitApply(lock) => {
+            if let (Some(uid), Some(rv)) = (lock.uid(), lock.resource_version().and_then(|rv| rv.parse().ok())) {
+                seen.entry(uid).or_insert(rv);
+            }
+        }
+        watcher::Event::Delete(lock) => {
+            if let Some(uid) = lock.uid() {
+                seen.remove(&uid);
+            }
+        }
+        watcher::Event::Init | watcher::Event::InitDone => {}
+    }
+}
+
+impl Context {
+    fn first_seen(&self, lock: &DistributedLock) -> Option<u64> {
+        let uid = lock.uid()?;
+        self.first_seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&uid)
+            .copied()
+    }
 }
 
 /// The requests whose holderRef points at this Job or Pod.
@@ -394,7 +441,7 @@ async fn try_grant(lock: Arc<DistributedLock>, ctx: &Context, key: &str, ttl: Du
     let until_deadline = deadline.map(|d| (d - now).to_std().unwrap_or_default());
 
     let all = ctx.store.state();
-    let waiters = queue::waiters(&all, key);
+    let waiters = queue::waiters(&all, key, &|l| ctx.first_seen(l));
     let position = queue::position(&waiters, &lock);
     let holder_here = queue::holder(&all, key).filter(|h| h.uid() != lock.uid());
     if position > 1 || holder_here.is_some() {
@@ -618,13 +665,13 @@ fn mark_released(ctx: &Context, key: &str) {
 
 /// Reconcile, now, the requests of `key` whose state is behind the queue.
 fn wake_queue(ctx: &Context, key: &str) {
-    for lock in queue::needing_attention(&ctx.store.state(), key) {
+    for lock in queue::needing_attention(&ctx.store.state(), key, &|l| ctx.first_seen(l)) {
         let _ = ctx.wake.send(ObjectRef::from_obj(lock.as_ref()));
     }
 }
 
 fn wake_others(ctx: &Context, key: &str, me: &DistributedLock) {
-    for lock in queue::needing_attention(&ctx.store.state(), key) {
+    for lock in queue::needing_attention(&ctx.store.state(), key, &|l| ctx.first_seen(l)) {
         if lock.uid() != me.uid() {
             let _ = ctx.wake.send(ObjectRef::from_obj(lock.as_ref()));
         }
@@ -666,7 +713,9 @@ async fn write_pending(
         phase: Some(Phase::Pending),
         lock_key: Some(queue::lock_key(lock)),
         waiting_position: Some(position as i32),
-        queue_sequence: previous.queue_sequence.or_else(|| Some(queue::arrival(lock))),
+        queue_sequence: previous
+            .queue_sequence
+            .or_else(|| Some(queue::arrival(lock, &|l| ctx.first_seen(l)))),
         observed_generation: lock.metadata.generation,
         conditions: previous.conditions.clone(),
         ..Default::default()
@@ -696,7 +745,9 @@ async fn write_granted(lock: &DistributedLock, ctx: &Context, grant: &Lock) -> R
         expires_at: Some(rfc3339(grant.expires_at)),
         renewed_at: Some(rfc3339(now)),
         waiting_position: None,
-        queue_sequence: previous.queue_sequence.or_else(|| Some(queue::arrival(lock))),
+        queue_sequence: previous
+            .queue_sequence
+            .or_else(|| Some(queue::arrival(lock, &|l| ctx.first_seen(l)))),
         observed_generation: lock.metadata.generation,
         conditions: previous.conditions.clone(),
     };

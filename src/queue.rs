@@ -27,23 +27,33 @@ fn is_deleting(lock: &DistributedLock) -> bool {
 /// Order among waiters: higher priority first, then older first. Creation
 /// timestamps have one-second resolution, so within a second the order in
 /// which the API server stored the requests ([`arrival`]) decides.
-pub fn queue_order(lock: &DistributedLock) -> (Reverse<i32>, Option<DateTime<Utc>>, u64, String) {
+pub fn queue_order(lock: &DistributedLock, first_seen: &dyn Fn(&DistributedLock) -> Option<u64>) -> QueueOrder {
     (
         Reverse(lock.spec.priority),
         creation_time(lock),
-        arrival(lock),
+        arrival(lock, first_seen),
         lock.name_any(),
     )
 }
 
-/// The resourceVersion at which the controller first saw the request
-/// (`status.queueSequence`), else its current one.
-pub fn arrival(lock: &DistributedLock) -> u64 {
+/// Sort key of a waiter: priority (high first), creation time, arrival, name.
+pub type QueueOrder = (Reverse<i32>, Option<DateTime<Utc>>, u64, String);
+
+/// The resourceVersion the request had when the controller first saw it:
+/// `status.queueSequence` once recorded, else what the watcher first
+/// delivered (`first_seen`), else its current one.
+pub fn arrival(lock: &DistributedLock, first_seen: &dyn Fn(&DistributedLock) -> Option<u64>) -> u64 {
     lock.status
         .as_ref()
         .and_then(|s| s.queue_sequence)
+        .or_else(|| first_seen(lock))
         .or_else(|| lock.resource_version().and_then(|rv| rv.parse().ok()))
         .unwrap_or(u64::MAX)
+}
+
+/// No record of first sightings: the current resourceVersion stands in.
+pub fn unseen(_: &DistributedLock) -> Option<u64> {
+    None
 }
 
 pub fn creation_time(lock: &DistributedLock) -> Option<DateTime<Utc>> {
@@ -54,13 +64,17 @@ pub fn creation_time(lock: &DistributedLock) -> Option<DateTime<Utc>> {
 }
 
 /// The waiters for `key` in grant order: Pending, not being deleted.
-pub fn waiters(all: &[Arc<DistributedLock>], key: &str) -> Vec<Arc<DistributedLock>> {
+pub fn waiters(
+    all: &[Arc<DistributedLock>],
+    key: &str,
+    first_seen: &dyn Fn(&DistributedLock) -> Option<u64>,
+) -> Vec<Arc<DistributedLock>> {
     let mut queue: Vec<_> = all
         .iter()
         .filter(|l| phase(l) == Phase::Pending && !is_deleting(l) && lock_key(l) == key)
         .cloned()
         .collect();
-    queue.sort_by_key(|l| queue_order(l));
+    queue.sort_by_cached_key(|l| queue_order(l, first_seen));
     queue
 }
 
@@ -84,8 +98,12 @@ pub fn position(queue: &[Arc<DistributedLock>], lock: &DistributedLock) -> usize
 /// Requests of `key` that must be reconciled for the queue to move: the head
 /// when nobody here holds the lock, and every waiter whose recorded position
 /// is stale.
-pub fn needing_attention(all: &[Arc<DistributedLock>], key: &str) -> Vec<Arc<DistributedLock>> {
-    let queue = waiters(all, key);
+pub fn needing_attention(
+    all: &[Arc<DistributedLock>],
+    key: &str,
+    first_seen: &dyn Fn(&DistributedLock) -> Option<u64>,
+) -> Vec<Arc<DistributedLock>> {
+    let queue = waiters(all, key, first_seen);
     let free = holder(all, key).is_none();
     queue
         .iter()
@@ -152,7 +170,7 @@ mod tests {
         .map(Arc::new)
         .collect();
         assert_eq!(
-            names(&waiters(&all, "ns/a")),
+            names(&waiters(&all, "ns/a", &unseen)),
             ["new-high", "old-low", "same-second-earlier", "same-second-later"]
         );
     }
@@ -170,7 +188,7 @@ mod tests {
         .into_iter()
         .map(Arc::new)
         .collect();
-        assert_eq!(names(&waiters(&all, "ns/a")), ["waiting"]);
+        assert_eq!(names(&waiters(&all, "ns/a", &unseen)), ["waiting"]);
         assert!(holder(&all, "ns/a").is_none());
     }
 
@@ -184,12 +202,12 @@ mod tests {
             .map(Arc::new)
             .collect();
         // "second" records a stale position
-        assert_eq!(names(&needing_attention(&all, "ns/a")), ["second"]);
+        assert_eq!(names(&needing_attention(&all, "ns/a", &unseen)), ["second"]);
         let mut released = holder_lock;
         released.status.as_mut().unwrap().phase = Some(Phase::Released);
         let all: Vec<_> = [released, first, second].into_iter().map(Arc::new).collect();
-        assert_eq!(names(&needing_attention(&all, "ns/a")), ["first", "second"]);
-        assert_eq!(position(&waiters(&all, "ns/a"), &all[2]), 2);
+        assert_eq!(names(&needing_attention(&all, "ns/a", &unseen)), ["first", "second"]);
+        assert_eq!(position(&waiters(&all, "ns/a", &unseen), &all[2]), 2);
     }
 
     #[test]
@@ -199,6 +217,6 @@ mod tests {
         let mut b = request("b", "ns2", "shared", 0, 2, 2);
         b.spec.scope = LockScope::Cluster;
         let all: Vec<_> = [a, b].into_iter().map(Arc::new).collect();
-        assert_eq!(names(&waiters(&all, "shared")), ["a", "b"]);
+        assert_eq!(names(&waiters(&all, "shared", &unseen)), ["a", "b"]);
     }
 }

@@ -28,7 +28,7 @@ pub fn kube_available() -> bool {
 }
 
 fn missing<T>(what: &str) -> Option<T> {
-    if std::env::var_os("CI").is_some() {
+    if std::env::var_os("CI").is_some() || std::env::var_os("KLM_REQUIRE_SERVICES").is_some() {
         panic!("integration test needs {what}, which is not set; {HOW_TO_RUN}");
     }
     eprintln!("skipping integration test: {what} is not set; {HOW_TO_RUN}");
@@ -68,4 +68,176 @@ where
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Both services, or `None` (skip) outside CI.
+pub fn services() -> Option<String> {
+    let url = es_url()?;
+    kube_available().then_some(url)
+}
+
+/// The `lockctl` binary built for these tests.
+pub fn lockctl() -> std::process::Command {
+    std::process::Command::new(env!("CARGO_BIN_EXE_lockctl"))
+}
+
+/// A free loopback port (for an operator's HTTP server).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A `lockctl operator` process that only manages requests labelled
+/// `test-run=<run>`, so tests running in parallel do not share an operator.
+/// Killed when dropped.
+pub struct Operator {
+    pub child: std::process::Child,
+    pub run: String,
+    pub http_port: u16,
+    extra: Vec<String>,
+}
+
+pub const RUN_LABEL: &str = "test-run";
+
+impl Operator {
+    pub fn start(run: &str, extra: &[&str]) -> Self {
+        let http_port = free_port();
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let child = Self::spawn(run, http_port, &extra);
+        Self {
+            child,
+            run: run.to_string(),
+            http_port,
+            extra,
+        }
+    }
+
+    fn spawn(run: &str, http_port: u16, extra: &[String]) -> std::process::Child {
+        let log = std::fs::File::create(std::env::temp_dir().join(format!("operator-{run}.log"))).unwrap();
+        lockctl()
+            .args(["operator", "--selector", &format!("{RUN_LABEL}={run}")])
+            .args(["--http-addr", &format!("127.0.0.1:{http_port}")])
+            .args(extra)
+            .env("RUST_LOG", "info,kube_lock_manager=debug")
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start lockctl operator")
+    }
+
+    /// SIGKILL, then start again with the same settings.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.child = Self::spawn(&self.run, self.http_port, &self.extra);
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// The operator's /metrics text.
+    pub async fn metrics(&self) -> String {
+        reqwest::get(format!("http://127.0.0.1:{}/metrics", self.http_port))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A new namespace for one test.
+pub async fn namespace(client: &kube::Client, name: &str) -> String {
+    use k8s_openapi::api::core::v1::Namespace;
+    let ns_name = unique(name);
+    let api: kube::Api<Namespace> = kube::Api::all(client.clone());
+    let mut ns = Namespace::default();
+    ns.metadata.name = Some(ns_name.clone());
+    api.create(&kube::api::PostParams::default(), &ns)
+        .await
+        .expect("create namespace");
+    ns_name
+}
+
+/// Installs the CRD from `crds/` (idempotent) and waits until it is served.
+pub async fn install_crd(client: &kube::Client) {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    use kube::CustomResourceExt;
+    use kube_lock_manager::crd::DistributedLock;
+    let api: kube::Api<CustomResourceDefinition> = kube::Api::all(client.clone());
+    let crd = DistributedLock::crd();
+    api.patch(
+        "distributedlocks.lockmanager.dev",
+        &kube::api::PatchParams::apply("kube-lock-manager-tests").force(),
+        &kube::api::Patch::Apply(&crd),
+    )
+    .await
+    .expect("apply CRD");
+    let locks: kube::Api<DistributedLock> = kube::Api::all(client.clone());
+    eventually(
+        "the DistributedLock CRD to be served",
+        Duration::from_secs(30),
+        || async {
+            locks
+                .list(&kube::api::ListParams::default().limit(1))
+                .await
+                .ok()
+                .map(|_| ())
+        },
+    )
+    .await;
+}
+
+/// A DistributedLock request labelled for operator run `run`.
+pub fn lock_request(run: &str, name: &str, spec: serde_json::Value) -> kube_lock_manager::crd::DistributedLock {
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "lockmanager.dev/v1alpha1",
+        "kind": "DistributedLock",
+        "metadata": {"name": name, "labels": {RUN_LABEL: run}},
+        "spec": spec,
+    }))
+    .expect("valid DistributedLock")
+}
+
+/// Waits (watching, not polling) until the request satisfies `condition`.
+pub async fn await_lock<F>(
+    api: &kube::Api<kube_lock_manager::crd::DistributedLock>,
+    name: &str,
+    what: &str,
+    timeout: Duration,
+    condition: F,
+) -> kube_lock_manager::crd::DistributedLock
+where
+    F: Fn(&kube_lock_manager::crd::DistributedLock) -> bool,
+{
+    let wait = kube::runtime::wait::await_condition(
+        api.clone(),
+        name,
+        move |obj: Option<&kube_lock_manager::crd::DistributedLock>| obj.is_some_and(&condition),
+    );
+    match tokio::time::timeout(timeout, wait).await {
+        Ok(Ok(Some(lock))) => lock,
+        Ok(other) => panic!("watching {name} for {what} failed: {other:?}"),
+        Err(_) => {
+            let current = api.get_opt(name).await.ok().flatten();
+            panic!(
+                "timed out after {timeout:?} waiting for {name} to be {what}; status: {:?}",
+                current.and_then(|l| l.status)
+            )
+        }
+    }
+}
+
+pub fn phase_of(lock: &kube_lock_manager::crd::DistributedLock) -> Option<kube_lock_manager::crd::Phase> {
+    lock.status.as_ref().and_then(|s| s.phase)
 }
