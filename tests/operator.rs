@@ -178,7 +178,7 @@ async fn equal_priority_waiters_are_served_first_in_first_out() {
             .filter(|l| phase_of(l) == Some(Phase::Granted) && l.metadata.deletion_timestamp.is_none())
             .map(|l| l.metadata.name.clone().unwrap())
             .collect();
-        assert_eq!(holders, [name.clone()], "one holder at a time");
+        assert_eq!(holders, std::slice::from_ref(name), "one holder at a time");
         assert!(status(&lock).waiting_position.is_none());
         previous = name.clone();
     }
