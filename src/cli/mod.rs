@@ -5,6 +5,7 @@ pub mod locks;
 
 use clap::{Parser, Subcommand};
 
+
 use crate::engine::ConfigError;
 use crate::lock::LockError;
 
@@ -69,7 +70,21 @@ pub enum CliError {
 impl Cli {
     /// Parses the command line, runs the command and returns the process exit code.
     pub fn parse_and_run() -> i32 {
-        let cli = Cli::parse();
+        let cli = match Cli::try_parse() {
+            Ok(cli) => cli,
+            Err(e) if !e.use_stderr() => e.exit(), // --help, --version
+            Err(e) => {
+                // One line: clap's message up to its usage hint, joined.
+                let text = e.to_string();
+                let message: Vec<&str> = text
+                    .lines()
+                    .map(str::trim)
+                    .take_while(|l| !l.is_empty() && !l.starts_with("Usage:"))
+                    .collect();
+                eprintln!("lockctl: error: {}", message.join(" ").trim_start_matches("error: "));
+                return EXIT_ERROR;
+            }
+        };
         let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
             Ok(rt) => rt,
             Err(e) => {
