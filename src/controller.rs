@@ -196,7 +196,18 @@ pub async fn run(args: OperatorArgs) -> Result<(), OperatorError> {
         first_seen,
     });
     tracing::info!(index = %ctx.locks.index(), "operator started");
-    controller
+    let mut gated_jobs = watcher::Config::default().any_semantic();
+    let mut owned_locks = watcher::Config::default().any_semantic();
+    if let Some(selector) = &args.selector {
+        gated_jobs = gated_jobs.labels(selector);
+        owned_locks = owned_locks.labels(selector);
+    }
+    let job_gate = Controller::new(Api::<Job>::all(client.clone()), gated_jobs)
+        .owns(Api::<DistributedLock>::all(client.clone()), owned_locks)
+        .shutdown_on_signal()
+        .run(crate::gate::reconcile_job, crate::gate::job_error_policy, ctx.clone())
+        .for_each(|_| futures::future::ready(()));
+    let lock_controller = controller
         .watches(
             Api::<Job>::all(client.clone()),
             watcher::Config::default().any_semantic(),
@@ -210,8 +221,8 @@ pub async fn run(args: OperatorArgs) -> Result<(), OperatorError> {
         .reconcile_on(UnboundedReceiverStream::new(woken))
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
-        .for_each(|_| futures::future::ready(()))
-        .await;
+        .for_each(|_| futures::future::ready(()));
+    futures::join!(lock_controller, job_gate);
     http.abort();
     tracing::info!("operator stopped");
     Ok(())
@@ -302,6 +313,7 @@ async fn reconcile(lock: Arc<DistributedLock>, ctx: Arc<Context>) -> Result<Acti
     .await
     .map_err(|e| Error::Finalizer(Box::new(e)));
     update_gauges(&ctx);
+    tracing::debug!(?result, "reconciled");
     result
 }
 
@@ -353,6 +365,16 @@ fn cluster_scope_allowed(ctx: &Context, lock: &DistributedLock) -> bool {
         (Some(allowed), Some(ns)) => allowed.contains(&ns),
         (Some(_), None) => false,
     }
+}
+
+/// True when the request belongs to the Job its holderRef names (suspend gating).
+fn owned_by_holder(lock: &DistributedLock) -> bool {
+    let Some(holder) = &lock.spec.holder_ref else {
+        return false;
+    };
+    lock.owner_references()
+        .iter()
+        .any(|o| o.kind == format!("{:?}", holder.kind) && o.name == holder.name)
 }
 
 /// Whether the workload named by holderRef still needs the lock.
@@ -418,6 +440,17 @@ async fn try_grant(lock: Arc<DistributedLock>, ctx: &Context, key: &str, ttl: Du
                 "the holder Pod no longer exists",
             )
             .await;
+        }
+        HolderState::Gone if owned_by_holder(&lock) => {
+            // The gated Job is gone; in a cluster the garbage collector
+            // deletes its request too, and we do it here without waiting.
+            let api: Api<DistributedLock> = Api::namespaced(ctx.client.clone(), &lock.namespace().unwrap_or_default());
+            match api.delete(&lock.name_any(), &Default::default()).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(s)) if s.code == 404 => {}
+                Err(e) => return Err(Error::Kube(e)),
+            }
+            return Ok(Action::await_change());
         }
         HolderState::Gone => {}
     }

@@ -6,6 +6,7 @@ pub mod controller;
 pub mod crd;
 pub mod duration;
 pub mod engine;
+pub mod gate;
 pub mod lock;
 pub mod metrics;
 pub mod queue;

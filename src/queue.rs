@@ -10,6 +10,11 @@ use kube::ResourceExt;
 
 use crate::crd::{DistributedLock, Phase};
 
+/// Set on requests made for suspend-gated Jobs: the Job's creation time and
+/// resourceVersion, so the requests queue in the order the Jobs were created.
+pub const REQUESTED_AT_ANNOTATION: &str = "lockmanager.dev/requested-at";
+pub const QUEUE_SEQUENCE_ANNOTATION: &str = "lockmanager.dev/queue-sequence";
+
 /// The request's phase (no status yet = Pending).
 pub fn phase(lock: &DistributedLock) -> Phase {
     lock.status.as_ref().and_then(|s| s.phase).unwrap_or_default()
@@ -43,9 +48,10 @@ pub type QueueOrder = (Reverse<i32>, Option<DateTime<Utc>>, u64, String);
 /// `status.queueSequence` once recorded, else what the watcher first
 /// delivered (`first_seen`), else its current one.
 pub fn arrival(lock: &DistributedLock, first_seen: &dyn Fn(&DistributedLock) -> Option<u64>) -> u64 {
-    lock.status
-        .as_ref()
-        .and_then(|s| s.queue_sequence)
+    lock.annotations()
+        .get(QUEUE_SEQUENCE_ANNOTATION)
+        .and_then(|s| s.parse().ok())
+        .or_else(|| lock.status.as_ref().and_then(|s| s.queue_sequence))
         .or_else(|| first_seen(lock))
         .or_else(|| lock.resource_version().and_then(|rv| rv.parse().ok()))
         .unwrap_or(u64::MAX)
@@ -57,6 +63,9 @@ pub fn unseen(_: &DistributedLock) -> Option<u64> {
 }
 
 pub fn creation_time(lock: &DistributedLock) -> Option<DateTime<Utc>> {
+    if let Some(at) = lock.annotations().get(REQUESTED_AT_ANNOTATION) {
+        return DateTime::parse_from_rfc3339(at).ok().map(|t| t.with_timezone(&Utc));
+    }
     lock.metadata
         .creation_timestamp
         .as_ref()

@@ -144,17 +144,30 @@ async fn wait_for_grant(api: &Api<DistributedLock>, namespace: &str, name: &str)
     if let Some(decision) = judge(&current) {
         return Ok(decide(decision, current));
     }
+    let position = current.status.as_ref().and_then(|s| s.waiting_position);
+    eprintln!(
+        "lockctl: waiting for distributedlock {namespace}/{name}{}",
+        position
+            .map(|p| format!(" (position {p} in the queue)"))
+            .unwrap_or_default()
+    );
     let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
     let mut events = watcher::watcher(api.clone(), config).boxed();
+    // A (re)list that no longer contains the object means it was deleted
+    // between our read and the watch.
+    let mut listed = false;
     while let Some(event) = events.try_next().await.map_err(|e| WaitError::Api(e.to_string()))? {
         match event {
             Event::Apply(lock) | Event::InitApply(lock) => {
+                listed = true;
                 if let Some(decision) = judge(&lock) {
                     return Ok(decide(decision, lock));
                 }
             }
             Event::Delete(_) => return Ok(Outcome::NotGranted("the request was deleted".into())),
-            Event::Init | Event::InitDone => {}
+            Event::Init => listed = false,
+            Event::InitDone if !listed => return Ok(Outcome::NotGranted("the request was deleted".into())),
+            Event::InitDone => {}
         }
     }
     Ok(Outcome::NotGranted("the watch ended".into()))

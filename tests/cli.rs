@@ -32,7 +32,19 @@ fn stderr(out: &Output) -> String {
 fn acquire_get_extend_release_with_their_exit_codes() {
     let Some(url) = common::es_url() else { return };
     let id = common::unique("cli");
-    let out = run(&url, &["acquire", &id, "--ttl", "30s", "--metadata", r#"{"owner":"ops"}"#, "-o", "json"]);
+    let out = run(
+        &url,
+        &[
+            "acquire",
+            &id,
+            "--ttl",
+            "30s",
+            "--metadata",
+            r#"{"owner":"ops"}"#,
+            "-o",
+            "json",
+        ],
+    );
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let lock: Value = serde_json::from_str(&stdout(&out)).expect("JSON output");
     for field in ["lockId", "token", "fencingToken", "createdAt", "expiresAt", "metadata"] {
@@ -52,7 +64,12 @@ fn acquire_get_extend_release_with_their_exit_codes() {
     assert_eq!(seen["fencingToken"], lock["fencingToken"]);
 
     assert_eq!(run(&url, &["extend", &id, "--token", "wrong"]).status.code(), Some(1));
-    assert_eq!(run(&url, &["extend", &id, "--token", &token, "--ttl", "1m"]).status.code(), Some(0));
+    assert_eq!(
+        run(&url, &["extend", &id, "--token", &token, "--ttl", "1m"])
+            .status
+            .code(),
+        Some(0)
+    );
     assert_eq!(run(&url, &["release", &id, "--token", "wrong"]).status.code(), Some(1));
     assert_eq!(run(&url, &["release", &id, "--token", &token]).status.code(), Some(0));
     assert_eq!(run(&url, &["release", &id, "--token", &token]).status.code(), Some(1));
@@ -94,18 +111,37 @@ fn exec_runs_the_command_with_the_lock_and_exits_with_its_code() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(7), "{}", stderr(&out));
-    assert!(stdout(&out).parse::<u64>().is_ok(), "the command saw its fencing token: {}", stdout(&out));
-    assert_eq!(run(&url, &["get", &id]).status.code(), Some(1), "released after the command");
+    assert!(
+        stdout(&out).parse::<u64>().is_ok(),
+        "the command saw its fencing token: {}",
+        stdout(&out)
+    );
+    assert_eq!(
+        run(&url, &["get", &id]).status.code(),
+        Some(1),
+        "released after the command"
+    );
 
     // held by someone else → 75 and the command never runs
     let holder = stdout(&run(&url, &["acquire", &id]));
     let marker = tempfile::NamedTempFile::new().unwrap();
     let out = lockctl(&url)
-        .args(["exec", &id, "--", "sh", "-c", &format!("echo ran > {}", marker.path().display())])
+        .args([
+            "exec",
+            &id,
+            "--",
+            "sh",
+            "-c",
+            &format!("echo ran > {}", marker.path().display()),
+        ])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(75));
-    assert_eq!(std::fs::read_to_string(marker.path()).unwrap(), "", "the command did not run");
+    assert_eq!(
+        std::fs::read_to_string(marker.path()).unwrap(),
+        "",
+        "the command did not run"
+    );
     assert_eq!(run(&url, &["release", &id, "--token", &holder]).status.code(), Some(0));
 }
 
@@ -123,7 +159,18 @@ fn two_concurrent_execs_never_overlap() {
     };
     let spawn = |name: &str| {
         lockctl(&url)
-            .args(["exec", &id, "--ttl", "2s", "--wait", "20s", "--", "sh", "-c", &script(name)])
+            .args([
+                "exec",
+                &id,
+                "--ttl",
+                "2s",
+                "--wait",
+                "20s",
+                "--",
+                "sh",
+                "-c",
+                &script(name),
+            ])
             .stdout(Stdio::null())
             .spawn()
             .unwrap()
@@ -132,14 +179,15 @@ fn two_concurrent_execs_never_overlap() {
     assert!(a.wait().unwrap().success());
     assert!(b.wait().unwrap().success());
     let read = |file: &str| -> u128 {
-        std::fs::read_to_string(dir.path().join(file)).unwrap().trim().parse().unwrap()
+        std::fs::read_to_string(dir.path().join(file))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
     };
     let (a_start, a_end, b_start, b_end) = (read("a.start"), read("a.end"), read("b.start"), read("b.end"));
     let disjoint = a_end <= b_start || b_end <= a_start;
-    assert!(
-        disjoint,
-        "runs overlapped: a {a_start}..{a_end}, b {b_start}..{b_end}"
-    );
+    assert!(disjoint, "runs overlapped: a {a_start}..{a_end}, b {b_start}..{b_end}");
 }
 
 #[test]
@@ -147,7 +195,16 @@ fn exec_keeps_renewing_a_short_lease_and_forwards_sigterm() {
     let Some(url) = common::es_url() else { return };
     let id = common::unique("sigterm");
     let mut child = lockctl(&url)
-        .args(["exec", &id, "--ttl", "1s", "--", "sh", "-c", "trap 'exit 42' TERM; while true; do sleep 0.1; done"])
+        .args([
+            "exec",
+            &id,
+            "--ttl",
+            "1s",
+            "--",
+            "sh",
+            "-c",
+            "trap 'exit 42' TERM; while true; do sleep 0.1; done",
+        ])
         .spawn()
         .unwrap();
     // wait until the lock is taken, then past two of its TTLs
@@ -156,9 +213,21 @@ fn exec_keeps_renewing_a_short_lease_and_forwards_sigterm() {
         assert!(Instant::now() < deadline, "exec never took the lock");
     }
     std::thread::sleep(Duration::from_millis(2500));
-    assert_eq!(run(&url, &["get", &id]).status.code(), Some(0), "lease renewed while the command runs");
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    assert_eq!(
+        run(&url, &["get", &id]).status.code(),
+        Some(0),
+        "lease renewed while the command runs"
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(42), "the child got SIGTERM and its code is ours");
-    assert_eq!(run(&url, &["get", &id]).status.code(), Some(1), "released after SIGTERM");
+    assert_eq!(
+        run(&url, &["get", &id]).status.code(),
+        Some(1),
+        "released after SIGTERM"
+    );
 }

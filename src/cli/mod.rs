@@ -5,7 +5,6 @@ pub mod locks;
 
 use clap::{Parser, Subcommand};
 
-
 use crate::engine::ConfigError;
 use crate::lock::LockError;
 
