@@ -48,6 +48,21 @@ pub struct OperatorArgs {
     /// Only manage DistributedLocks with these labels (e.g. `shard=a`); default: all.
     #[arg(long, env = "LOCK_SELECTOR")]
     pub selector: Option<String>,
+    /// Run as one of several replicas: only the holder of a Lease reconciles.
+    #[arg(long, env = "LEADER_ELECT")]
+    pub leader_elect: bool,
+    /// Namespace of the leader election Lease (default: $POD_NAMESPACE, else "default").
+    #[arg(long, env = "LEADER_ELECTION_NAMESPACE")]
+    pub leader_election_namespace: Option<String>,
+    /// Name of the leader election Lease.
+    #[arg(long, env = "LEADER_ELECTION_NAME", default_value = "kube-lock-manager")]
+    pub leader_election_name: String,
+    /// Validity of the leader's lease; a standby takes over this long after the last renewal it saw.
+    #[arg(long, default_value = "15s", value_parser = crate::duration::parse_duration)]
+    pub lease_duration: Duration,
+    /// This replica's name in the Lease (default: $POD_NAME, else host name and process id).
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
     /// Longest wait before re-checking a lock held outside this cluster.
     #[arg(long, default_value = "5s", value_parser = crate::duration::parse_duration)]
     pub max_retry_interval: Duration,
@@ -64,6 +79,12 @@ pub enum OperatorError {
     CrdMissing(#[source] kube::Error),
     #[error("the lock index is not usable: {0}")]
     Engine(#[from] LockError),
+    #[error(transparent)]
+    Election(#[from] crate::leader::ElectionError),
+    #[error("cannot install signal handlers: {0}")]
+    Signal(#[source] std::io::Error),
+    #[error("lost the leader lease {0}; stopping so that another replica leads")]
+    LeadershipLost(String),
     #[error("cannot serve HTTP on {addr}: {source}")]
     Http {
         addr: SocketAddr,
@@ -222,10 +243,102 @@ pub async fn run(args: OperatorArgs) -> Result<(), OperatorError> {
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
         .for_each(|_| futures::future::ready(()));
-    futures::join!(lock_controller, job_gate);
+    let controllers = async {
+        futures::join!(lock_controller, job_gate);
+    };
+    if args.leader_elect {
+        let identity = args.identity.clone().unwrap_or_else(default_identity);
+        let namespace = args
+            .leader_election_namespace
+            .clone()
+            .or_else(|| std::env::var("POD_NAMESPACE").ok())
+            .unwrap_or_else(|| "default".into());
+        let config = crate::leader::ElectionConfig::new(
+            namespace,
+            args.leader_election_name.clone(),
+            identity,
+            args.lease_duration,
+        );
+        lead_then_run(client.clone(), config, controllers, &metrics, &readiness).await?;
+    } else {
+        metrics.leader.set(1);
+        controllers.await;
+    }
     http.abort();
     tracing::info!("operator stopped");
     Ok(())
+}
+
+fn default_identity() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    format!("{}-{}", host.trim(), std::process::id())
+}
+
+/// Waits (as a ready standby) until this replica holds the Lease, then runs
+/// the controllers while renewing it. Losing the Lease, or failing to renew
+/// it within the renew deadline, stops the controllers at once.
+async fn lead_then_run(
+    client: kube::Client,
+    config: crate::leader::ElectionConfig,
+    controllers: impl std::future::Future<Output = ()>,
+    metrics: &Metrics,
+    readiness: &Readiness,
+) -> Result<(), OperatorError> {
+    use crate::leader::{Attempt, Elector};
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut elector = Elector::new(client, config.clone());
+    let mut sigterm = signal(SignalKind::terminate()).map_err(OperatorError::Signal)?;
+    // A standby has no watchers to sync; it is ready to take over.
+    readiness.synced.store(true, Ordering::Relaxed);
+    let mut last_holder = None;
+    loop {
+        match elector.try_acquire_or_renew().await {
+            Ok(Attempt::Leading) => break,
+            Ok(Attempt::Following { holder }) => {
+                if last_holder.as_ref() != Some(&holder) {
+                    tracing::info!(%holder, identity = %config.identity, "standing by: another replica leads");
+                    last_holder = Some(holder);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "leader election failed; retrying"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(config.retry_period) => {}
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+            _ = sigterm.recv() => return Ok(()),
+        }
+    }
+    tracing::info!(identity = %config.identity, lease = %config.name, "became the leader");
+    readiness.synced.store(false, Ordering::Relaxed);
+    metrics.leader.set(1);
+    let keep_leading = async {
+        loop {
+            tokio::time::sleep(config.retry_period).await;
+            let now = Instant::now();
+            if !elector.may_lead(now) {
+                return;
+            }
+            // Never wait on the API server past the renew deadline.
+            let budget = config.renew_deadline.saturating_sub(config.retry_period);
+            match tokio::time::timeout(budget, elector.try_acquire_or_renew()).await {
+                Ok(Ok(Attempt::Leading)) => {}
+                Ok(Ok(Attempt::Following { .. })) => return,
+                Ok(Err(e)) => tracing::warn!(error = %e, "could not renew the leader lease"),
+                Err(_) => tracing::warn!("renewing the leader lease timed out"),
+            }
+        }
+    };
+    tokio::select! {
+        _ = controllers => {
+            elector.release().await;
+            metrics.leader.set(0);
+            Ok(())
+        }
+        _ = keep_leading => {
+            metrics.leader.set(0);
+            Err(OperatorError::LeadershipLost(config.name.clone()))
+        }
+    }
 }
 
 /// Remembers the resourceVersion of each request's first watch event: the

@@ -7,6 +7,7 @@ pub mod crd;
 pub mod duration;
 pub mod engine;
 pub mod gate;
+pub mod leader;
 pub mod lock;
 pub mod metrics;
 pub mod queue;
