@@ -417,6 +417,9 @@ async fn reconcile(lock: Arc<DistributedLock>, ctx: Arc<Context>) -> Result<Acti
         .namespace()
         .ok_or_else(|| Error::Invalid("DistributedLock without a namespace".into()))?;
     let api: Api<DistributedLock> = Api::namespaced(ctx.client.clone(), &namespace);
+    if lock.metadata.deletion_timestamp.is_none() && !lock.finalizers().iter().any(|f| f == FINALIZER) {
+        return add_finalizer_and_arrival(&api, &lock, ctx.first_seen(&lock)).await;
+    }
     let result = finalizer(&api, FINALIZER, lock, |event| async {
         match event {
             Finalizer::Apply(lock) => apply(lock, &ctx).await,
@@ -428,6 +431,35 @@ async fn reconcile(lock: Arc<DistributedLock>, ctx: Arc<Context>) -> Result<Acti
     update_gauges(&ctx);
     tracing::debug!(?result, "reconciled");
     result
+}
+
+/// Adds the release finalizer and records the request's place in line (the
+/// resourceVersion it had when first seen, normally its creation's) in one
+/// compare-and-swap write, so the order survives controller restarts.
+async fn add_finalizer_and_arrival(
+    api: &Api<DistributedLock>,
+    lock: &DistributedLock,
+    first_seen: Option<u64>,
+) -> Result<Action> {
+    let mut finalizers = lock.finalizers().to_vec();
+    finalizers.push(FINALIZER.to_string());
+    let mut metadata = json!({
+        "resourceVersion": lock.resource_version(),
+        "finalizers": finalizers,
+    });
+    if !lock.annotations().contains_key(queue::QUEUE_SEQUENCE_ANNOTATION) {
+        let arrival = queue::arrival(lock, &|_| first_seen);
+        metadata["annotations"] = json!({queue::QUEUE_SEQUENCE_ANNOTATION: arrival.to_string()});
+    }
+    api.patch(
+        &lock.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": metadata})),
+    )
+    .await
+    .map_err(Error::Kube)?;
+    // The write itself triggers the next reconcile.
+    Ok(Action::await_change())
 }
 
 fn update_gauges(ctx: &Context) {
@@ -833,7 +865,6 @@ async fn finish(lock: &DistributedLock, ctx: &Context, phase: Phase, reason: &st
         holder: previous.holder.clone(),
         fencing_token: previous.fencing_token,
         acquired_at: previous.acquired_at.clone(),
-        queue_sequence: previous.queue_sequence,
         observed_generation: lock.metadata.generation,
         conditions: previous.conditions.clone(),
         ..Default::default()
@@ -859,9 +890,6 @@ async fn write_pending(
         phase: Some(Phase::Pending),
         lock_key: Some(queue::lock_key(lock)),
         waiting_position: Some(position as i32),
-        queue_sequence: previous
-            .queue_sequence
-            .or_else(|| Some(queue::arrival(lock, &|l| ctx.first_seen(l)))),
         observed_generation: lock.metadata.generation,
         conditions: previous.conditions.clone(),
         ..Default::default()
@@ -891,9 +919,6 @@ async fn write_granted(lock: &DistributedLock, ctx: &Context, grant: &Lock) -> R
         expires_at: Some(rfc3339(grant.expires_at)),
         renewed_at: Some(rfc3339(now)),
         waiting_position: None,
-        queue_sequence: previous
-            .queue_sequence
-            .or_else(|| Some(queue::arrival(lock, &|l| ctx.first_seen(l)))),
         observed_generation: lock.metadata.generation,
         conditions: previous.conditions.clone(),
     };

@@ -190,10 +190,6 @@ pub struct DistributedLockStatus {
     /// While Pending: place in this cluster's queue for the lock, 1 = next.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub waiting_position: Option<i32>,
-    /// Arrival order: the resourceVersion the request had when the controller
-    /// first saw it. Breaks ties between requests created in the same second.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub queue_sequence: Option<u64>,
     /// The generation of the spec this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,

@@ -10,8 +10,10 @@ use kube::ResourceExt;
 
 use crate::crd::{DistributedLock, Phase};
 
-/// Set on requests made for suspend-gated Jobs: the Job's creation time and
-/// resourceVersion, so the requests queue in the order the Jobs were created.
+/// The place in line: the resourceVersion a request had when first seen
+/// (recorded by the controller with its finalizer). Requests made for
+/// suspend-gated Jobs carry the Job's instead, and the Job's creation time,
+/// so they queue in the order the Jobs were created.
 pub const REQUESTED_AT_ANNOTATION: &str = "lockmanager.dev/requested-at";
 pub const QUEUE_SEQUENCE_ANNOTATION: &str = "lockmanager.dev/queue-sequence";
 
@@ -45,13 +47,12 @@ pub fn queue_order(lock: &DistributedLock, first_seen: &dyn Fn(&DistributedLock)
 pub type QueueOrder = (Reverse<i32>, Option<DateTime<Utc>>, u64, String);
 
 /// The resourceVersion the request had when the controller first saw it:
-/// `status.queueSequence` once recorded, else what the watcher first
-/// delivered (`first_seen`), else its current one.
+/// the `lockmanager.dev/queue-sequence` annotation once recorded (with the
+/// finalizer), else what the watcher first delivered, else its current one.
 pub fn arrival(lock: &DistributedLock, first_seen: &dyn Fn(&DistributedLock) -> Option<u64>) -> u64 {
     lock.annotations()
         .get(QUEUE_SEQUENCE_ANNOTATION)
         .and_then(|s| s.parse().ok())
-        .or_else(|| lock.status.as_ref().and_then(|s| s.queue_sequence))
         .or_else(|| first_seen(lock))
         .or_else(|| lock.resource_version().and_then(|rv| rv.parse().ok()))
         .unwrap_or(u64::MAX)
