@@ -1,0 +1,704 @@
+//! The benchmark harness (`bench/run` starts the real environment and runs
+//! this): grant and handoff latency through the operator, the client-go Lease
+//! peer, the engine floor, throughput and scale. Prints a table and writes
+//! `bench/out/results.json`.
+//!
+//! Environment: KUBECONFIG and ELASTICSEARCH_URL (from `testenv/testenv env`),
+//! LEASE_PEER_BIN (the Go peer), BENCH_QUICK=1 for small sample counts,
+//! BENCH_SCENARIOS=grant,handoff,peer,engine,throughput,scale to choose.
+
+use std::collections::HashMap;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::Namespace;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::runtime::watcher;
+use kube::{CustomResourceExt, ResourceExt};
+use kube_lock_manager::crd::{DistributedLock, Phase};
+use kube_lock_manager::engine::EngineArgs;
+use kube_lock_manager::lock::LockClient;
+use serde_json::{Value, json};
+use tokio::sync::Notify;
+
+const LABEL: &str = "test-run";
+
+#[derive(Clone, Debug, serde::Serialize)]
+struct Row {
+    scenario: String,
+    count: usize,
+    p50_ms: Option<f64>,
+    p90_ms: Option<f64>,
+    p99_ms: Option<f64>,
+    value: Option<f64>,
+    unit: String,
+    note: String,
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let idx = ((p / 100.0) * (sorted.len() as f64 - 1.0)).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
+}
+
+fn latency_row(scenario: &str, mut samples_ms: Vec<f64>, note: &str) -> Row {
+    samples_ms.sort_by(|a, b| a.total_cmp(b));
+    Row {
+        scenario: scenario.into(),
+        count: samples_ms.len(),
+        p50_ms: Some(percentile(&samples_ms, 50.0)),
+        p90_ms: Some(percentile(&samples_ms, 90.0)),
+        p99_ms: Some(percentile(&samples_ms, 99.0)),
+        value: None,
+        unit: "ms".into(),
+        note: note.into(),
+    }
+}
+
+fn value_row(scenario: &str, value: f64, unit: &str, note: &str) -> Row {
+    Row {
+        scenario: scenario.into(),
+        count: 1,
+        p50_ms: None,
+        p90_ms: None,
+        p99_ms: None,
+        value: Some(value),
+        unit: unit.into(),
+        note: note.into(),
+    }
+}
+
+/// Sees every request's first Granted through one watch.
+#[derive(Default)]
+struct Observer {
+    granted: Mutex<HashMap<String, Instant>>,
+    notify: Notify,
+}
+
+impl Observer {
+    fn start(api: Api<DistributedLock>) -> Arc<Self> {
+        let observer = Arc::new(Self::default());
+        let seen = observer.clone();
+        tokio::spawn(async move {
+            let mut events = watcher::watcher(api, watcher::Config::default()).boxed();
+            while let Ok(Some(event)) = events.try_next().await {
+                if let watcher::Event::Apply(lock) | watcher::Event::InitApply(lock) = event {
+                    let granted = lock.status.as_ref().and_then(|s| s.phase) == Some(Phase::Granted);
+                    if granted {
+                        let key = format!("{}/{}", lock.namespace().unwrap_or_default(), lock.name_any());
+                        seen.granted.lock().unwrap().entry(key).or_insert_with(Instant::now);
+                        seen.notify.notify_waiters();
+                    }
+                }
+            }
+        });
+        observer
+    }
+
+    async fn granted_at(&self, ns: &str, name: &str, timeout: Duration) -> Instant {
+        let key = format!("{ns}/{name}");
+        let deadline = Instant::now() + timeout;
+        loop {
+            let notified = self.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(at) = self.granted.lock().unwrap().get(&key) {
+                return *at;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(!left.is_zero(), "{key} was not granted within {timeout:?}");
+            let _ = tokio::time::timeout(left, notified).await;
+        }
+    }
+
+    fn granted_count(&self, ns: &str) -> usize {
+        let prefix = format!("{ns}/");
+        self.granted
+            .lock()
+            .unwrap()
+            .keys()
+            .filter(|k| k.starts_with(&prefix))
+            .count()
+    }
+}
+
+fn request(run: &str, name: &str, spec: Value) -> DistributedLock {
+    serde_json::from_value(json!({
+        "apiVersion": "lockmanager.dev/v1alpha1", "kind": "DistributedLock",
+        "metadata": {"name": name, "labels": {LABEL: run}},
+        "spec": spec
+    }))
+    .unwrap()
+}
+
+struct Operator {
+    child: Child,
+    port: u16,
+    run: String,
+}
+
+impl Operator {
+    fn start(run: &str) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let log = std::fs::File::create(format!("bench/out/operator-{}.log", std::process::id())).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_lockctl"))
+            .args([
+                "operator",
+                "--selector",
+                &format!("{LABEL}={run}"),
+                "--http-addr",
+                &format!("127.0.0.1:{port}"),
+            ])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start the operator");
+        Self {
+            child,
+            port,
+            run: run.into(),
+        }
+    }
+
+    async fn wait_ready(&self) -> Duration {
+        let started = Instant::now();
+        let url = format!("http://127.0.0.1:{}/readyz", self.port);
+        loop {
+            if let Ok(r) = reqwest::get(&url).await
+                && r.status().is_success()
+            {
+                return started.elapsed();
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(300),
+                "operator never became ready"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    async fn metric(&self, name: &str) -> f64 {
+        let text = reqwest::get(format!("http://127.0.0.1:{}/metrics", self.port))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    fn rss_mib(&self) -> f64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|kb| kb.parse::<f64>().ok())
+            .map(|kb| kb / 1024.0)
+            .unwrap_or(0.0)
+    }
+
+    fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        *self = Self::start(&self.run.clone());
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Bench {
+    client: kube::Client,
+    run: String,
+    quick: bool,
+    observer: Arc<Observer>,
+}
+
+impl Bench {
+    async fn namespace(&self, name: &str) -> String {
+        let ns = format!("bench-{name}-{}", &uuid::Uuid::new_v4().simple().to_string()[..6]);
+        let api: Api<Namespace> = Api::all(self.client.clone());
+        let mut object = Namespace::default();
+        object.metadata.name = Some(ns.clone());
+        api.create(&PostParams::default(), &object).await.unwrap();
+        ns
+    }
+
+    fn n(&self, full: usize, quick: usize) -> usize {
+        if self.quick { quick } else { full }
+    }
+
+    /// 1. Create a request for a free lock → Granted, seen by the watcher.
+    async fn grant_latency(&self) -> Row {
+        let ns = self.namespace("grant").await;
+        let api: Api<DistributedLock> = Api::namespaced(self.client.clone(), &ns);
+        let mut samples = Vec::new();
+        for i in 0..self.n(200, 20) {
+            let name = format!("g{i}");
+            let started = Instant::now();
+            api.create(
+                &PostParams::default(),
+                &request(&self.run, &name, json!({"lockId": name})),
+            )
+            .await
+            .unwrap();
+            let at = self.observer.granted_at(&ns, &name, Duration::from_secs(30)).await;
+            samples.push(at.duration_since(started).as_secs_f64() * 1000.0);
+        }
+        latency_row(
+            "grant latency (create → Granted)",
+            samples,
+            "free lock, watcher-observed",
+        )
+    }
+
+    /// 2. Ten waiters; release the holder → next waiter Granted.
+    async fn handoff_latency(&self, via_job: bool) -> Row {
+        let ns = self.namespace(if via_job { "handoff-job" } else { "handoff" }).await;
+        let api: Api<DistributedLock> = Api::namespaced(self.client.clone(), &ns);
+        let jobs: Api<Job> = Api::namespaced(self.client.clone(), &ns);
+        let mut next = 0usize;
+        let create = |i: usize| {
+            let (api, jobs, run) = (api.clone(), jobs.clone(), self.run.clone());
+            async move {
+                let name = format!("h{i:05}");
+                let mut spec = json!({"lockId": "hot"});
+                if via_job {
+                    let job: Job = serde_json::from_value(json!({
+                        "metadata": {"name": name},
+                        "spec": {"template": {"spec": {"restartPolicy": "Never", "containers": [{"name": "c", "image": "busybox"}]}}}
+                    }))
+                    .unwrap();
+                    jobs.create(&PostParams::default(), &job).await.unwrap();
+                    spec["holderRef"] = json!({"kind": "Job", "name": name});
+                }
+                api.create(&PostParams::default(), &request(&run, &name, spec))
+                    .await
+                    .unwrap();
+                name
+            }
+        };
+        let mut queue = std::collections::VecDeque::new();
+        for _ in 0..11 {
+            queue.push_back(create(next).await);
+            next += 1;
+        }
+        let mut holder = queue.pop_front().unwrap();
+        self.observer.granted_at(&ns, &holder, Duration::from_secs(30)).await;
+        // the queue must be settled (everyone Pending with a position) before measuring
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let mut samples = Vec::new();
+        for _ in 0..self.n(200, 20) {
+            let successor = queue.pop_front().unwrap();
+            let started = Instant::now();
+            if via_job {
+                let now = chrono::Utc::now().to_rfc3339();
+                let status = json!({"status": {"startTime": now, "completionTime": now, "succeeded": 1, "conditions": [
+                    {"type": "SuccessCriteriaMet", "status": "True", "lastProbeTime": now, "lastTransitionTime": now},
+                    {"type": "Complete", "status": "True", "lastProbeTime": now, "lastTransitionTime": now}]}});
+                jobs.patch_status(&holder, &PatchParams::default(), &Patch::Merge(&status))
+                    .await
+                    .unwrap();
+            } else {
+                api.delete(&holder, &DeleteParams::default()).await.unwrap();
+            }
+            let at = self.observer.granted_at(&ns, &successor, Duration::from_secs(30)).await;
+            samples.push(at.duration_since(started).as_secs_f64() * 1000.0);
+            holder = successor;
+            queue.push_back(create(next).await);
+            next += 1;
+        }
+        if via_job {
+            latency_row(
+                "handoff latency (holder Job completes → next Granted)",
+                samples,
+                "10 waiters",
+            )
+        } else {
+            latency_row("handoff latency (holder deleted → next Granted)", samples, "10 waiters")
+        }
+    }
+
+    /// 3. client-go leader election on a Lease, default timings, ReleaseOnCancel.
+    async fn lease_peer(&self) -> Option<Row> {
+        let bin = std::env::var("LEASE_PEER_BIN").ok()?;
+        let ns = self.namespace("peer").await;
+        let handoffs = self.n(50, 5).to_string();
+        let out = tokio::process::Command::new(bin)
+            .args(["-namespace", &ns, "-handoffs", &handoffs])
+            .stderr(Stdio::null())
+            .output()
+            .await
+            .ok()?;
+        let result: Value = serde_json::from_slice(&out.stdout).ok()?;
+        let samples: Vec<f64> = result["samples_ms"]
+            .as_array()?
+            .iter()
+            .filter_map(Value::as_f64)
+            .collect();
+        Some(latency_row(
+            "peer: client-go leader election handoff (release → next leads)",
+            samples,
+            "LeaseDuration 15s, RenewDeadline 10s, RetryPeriod 2s, ReleaseOnCancel",
+        ))
+    }
+
+    /// 4. One raw scripted `_update` round trip vs the library's acquire+release.
+    async fn engine_floor(&self, url: &str) -> Vec<Row> {
+        let locks = LockClient::from_args(&EngineArgs {
+            index_prefix: "bench-locks".into(),
+            ..EngineArgs::for_url(url)
+        })
+        .unwrap();
+        locks.ensure_ready().await.unwrap();
+        let http = reqwest::Client::new();
+        let raw_url = format!("{}/{}/_update/raw-floor", url.trim_end_matches('/'), locks.index());
+        let body = json!({"scripted_upsert": true, "upsert": {},
+            "script": {"lang": "painless", "source": "ctx._source.n = params.n", "params": {"n": 1}}});
+        let n = self.n(1000, 100);
+        let (mut raw, mut cycle) = (Vec::new(), Vec::new());
+        for i in 0..n + 20 {
+            let started = Instant::now();
+            let r = http.post(&raw_url).json(&body).send().await.unwrap();
+            assert!(r.status().is_success());
+            r.bytes().await.unwrap();
+            if i >= 20 {
+                raw.push(started.elapsed().as_secs_f64() * 1000.0);
+            }
+        }
+        for i in 0..n + 20 {
+            let started = Instant::now();
+            let lock = locks
+                .acquire("floor", Duration::from_secs(30), json!({}))
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(locks.release("floor", &lock.token).await.unwrap());
+            if i >= 20 {
+                cycle.push(started.elapsed().as_secs_f64() * 1000.0);
+            }
+        }
+        let raw_row = latency_row("engine floor: one raw scripted _update", raw, "reqwest, keep-alive");
+        let cycle_row = latency_row(
+            "library acquire + release cycle",
+            cycle,
+            "2 scripted _update round trips",
+        );
+        let ratio = cycle_row.p50_ms.unwrap() / (2.0 * raw_row.p50_ms.unwrap());
+        vec![
+            raw_row,
+            cycle_row,
+            value_row("ratio: cycle p50 / (2 × raw p50)", ratio, "x", "goal ≤ 1.3"),
+        ]
+    }
+
+    /// 5. Lock cycles per second through the CRD path, and the raw status-patch ceiling.
+    async fn throughput(&self) -> Vec<Row> {
+        let mut rows = Vec::new();
+        let duration = Duration::from_secs(if self.quick { 3 } else { 10 });
+        let ceiling = self.status_patch_rate(duration).await;
+        rows.push(value_row(
+            "API server raw status-patch rate",
+            ceiling,
+            "patches/s",
+            "10 concurrent clients",
+        ));
+        for ids in [1usize, 10, 100] {
+            let ns = self.namespace(&format!("tput{ids}")).await;
+            let api: Api<DistributedLock> = Api::namespaced(self.client.clone(), &ns);
+            let cycles = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let deadline = Instant::now() + duration;
+            let workers = (0..ids).map(|w| {
+                let (api, cycles, run, observer, ns) = (
+                    api.clone(),
+                    cycles.clone(),
+                    self.run.clone(),
+                    self.observer.clone(),
+                    ns.clone(),
+                );
+                async move {
+                    let mut i = 0;
+                    while Instant::now() < deadline {
+                        let name = format!("t{w}-{i}");
+                        i += 1;
+                        api.create(
+                            &PostParams::default(),
+                            &request(&run, &name, json!({"lockId": format!("id{w}")})),
+                        )
+                        .await
+                        .unwrap();
+                        observer.granted_at(&ns, &name, Duration::from_secs(60)).await;
+                        api.delete(&name, &DeleteParams::default()).await.unwrap();
+                        cycles.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+            });
+            let started = Instant::now();
+            futures::future::join_all(workers).await;
+            let rate = cycles.load(std::sync::atomic::Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64();
+            rows.push(value_row(
+                &format!("throughput: lock cycles/s, {ids} lock id(s)"),
+                rate,
+                "cycles/s",
+                &format!(
+                    "create → Granted → delete; {:.1}% of the patch ceiling",
+                    100.0 * rate / ceiling
+                ),
+            ));
+        }
+        rows
+    }
+
+    async fn status_patch_rate(&self, duration: Duration) -> f64 {
+        let ns = self.namespace("ceiling").await;
+        let api: Api<DistributedLock> = Api::namespaced(self.client.clone(), &ns);
+        for i in 0..10 {
+            // unlabelled: the operator leaves these alone
+            let mut lock = request("none", &format!("c{i}"), json!({"lockId": format!("c{i}")}));
+            lock.metadata.labels = None;
+            api.create(&PostParams::default(), &lock).await.unwrap();
+        }
+        let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let deadline = Instant::now() + duration;
+        let started = Instant::now();
+        let clients = (0..10).map(|i| {
+            let (api, count) = (api.clone(), count.clone());
+            async move {
+                let mut n = 0u64;
+                while Instant::now() < deadline {
+                    n += 1;
+                    let patch = json!({"status": {"phase": "Pending", "waitingPosition": n % 1000}});
+                    api.patch_status(&format!("c{i}"), &PatchParams::default(), &Patch::Merge(&patch))
+                        .await
+                        .unwrap();
+                    count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+        });
+        futures::future::join_all(clients).await;
+        count.load(std::sync::atomic::Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64()
+    }
+
+    /// 6. 10,000 requests (1,000 lock ids × 10): RSS, sync after restart, grant p99.
+    async fn scale(&self, operator: &mut Operator) -> Vec<Row> {
+        let (ids, per_id) = if self.quick { (100, 10) } else { (1000, 10) };
+        let total = ids * per_id;
+        let ns = self.namespace("scale").await;
+        let api: Api<DistributedLock> = Api::namespaced(self.client.clone(), &ns);
+        let started = Instant::now();
+        futures::stream::iter(0..total)
+            .map(|i| {
+                let (api, run) = (api.clone(), self.run.clone());
+                async move {
+                    let name = format!("s{:04}-{}", i % ids, i / ids);
+                    api.create(
+                        &PostParams::default(),
+                        &request(&run, &name, json!({"lockId": format!("k{}", i % ids)})),
+                    )
+                    .await
+                    .unwrap();
+                }
+            })
+            .buffer_unordered(32)
+            .collect::<Vec<_>>()
+            .await;
+        let created = started.elapsed();
+        // settled: every lock id has its holder and every waiter its position
+        let deadline = Instant::now() + Duration::from_secs(900);
+        while operator.metric("lockmanager_holders").await < ids as f64
+            || operator.metric("lockmanager_waiters").await < (total - ids) as f64
+            || self.observer.granted_count(&ns) < ids
+        {
+            assert!(Instant::now() < deadline, "scale scenario did not settle");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let settled = started.elapsed();
+        let rss_settled = operator.rss_mib();
+        operator.restart();
+        let sync = operator.wait_ready().await;
+        let rss_after_restart = operator.rss_mib();
+        // grant latency at that size: new requests on free locks
+        let mut samples = Vec::new();
+        for i in 0..self.n(100, 20) {
+            let name = format!("free{i}");
+            let t = Instant::now();
+            api.create(
+                &PostParams::default(),
+                &request(&self.run, &name, json!({"lockId": name})),
+            )
+            .await
+            .unwrap();
+            let at = self.observer.granted_at(&ns, &name, Duration::from_secs(120)).await;
+            samples.push(at.duration_since(t).as_secs_f64() * 1000.0);
+        }
+        vec![
+            value_row(
+                &format!("scale: create {total} requests"),
+                created.as_secs_f64(),
+                "s",
+                "32 concurrent creates",
+            ),
+            value_row(
+                &format!("scale: {ids} granted + {} queued, from first create", total - ids),
+                settled.as_secs_f64(),
+                "s",
+                "operator reconciling as they arrive",
+            ),
+            value_row(
+                &format!("scale: operator RSS at {total} objects"),
+                rss_settled,
+                "MiB",
+                "goal < 150",
+            ),
+            value_row(
+                "scale: time to sync after a restart",
+                sync.as_secs_f64() * 1000.0,
+                "ms",
+                "until /readyz",
+            ),
+            value_row(
+                "scale: operator RSS right after restart+sync",
+                rss_after_restart,
+                "MiB",
+                "",
+            ),
+            latency_row(
+                &format!("scale: grant latency at {total} objects"),
+                samples,
+                "free lock ids",
+            ),
+        ]
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let url = std::env::var("ELASTICSEARCH_URL").expect("ELASTICSEARCH_URL (run bench/run)");
+    let quick = std::env::var("BENCH_QUICK").is_ok_and(|v| v == "1");
+    let wanted =
+        std::env::var("BENCH_SCENARIOS").unwrap_or_else(|_| "grant,handoff,peer,engine,throughput,scale".into());
+    let wants = |s: &str| wanted.split(',').any(|w| w == s);
+    std::fs::create_dir_all("bench/out").unwrap();
+    let mut client_config = kube::Config::infer().await.expect("KUBECONFIG (run bench/run)");
+    client_config.read_timeout = Some(Duration::from_secs(300));
+    let client = kube::Client::try_from(client_config).unwrap();
+    let crds: Api<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> =
+        Api::all(client.clone());
+    crds.patch(
+        "distributedlocks.lockmanager.dev",
+        &PatchParams::apply("bench").force(),
+        &Patch::Apply(&DistributedLock::crd()),
+    )
+    .await
+    .unwrap();
+    let run = format!("bench-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let mut operator = Operator::start(&run);
+    operator.wait_ready().await;
+    let observer = Observer::start(Api::all(client.clone()));
+    let bench = Bench {
+        client,
+        run,
+        quick,
+        observer,
+    };
+
+    let mut rows = Vec::new();
+    let report = |row: Row, rows: &mut Vec<Row>| {
+        eprintln!("bench: {}: done", row.scenario);
+        rows.push(row);
+    };
+    if wants("grant") {
+        report(bench.grant_latency().await, &mut rows);
+    }
+    if wants("handoff") {
+        report(bench.handoff_latency(false).await, &mut rows);
+        report(bench.handoff_latency(true).await, &mut rows);
+    }
+    if wants("peer") {
+        match bench.lease_peer().await {
+            Some(row) => report(row, &mut rows),
+            None => eprintln!("bench: peer skipped: set LEASE_PEER_BIN (bench/run builds it)"),
+        }
+    }
+    if wants("engine") {
+        for row in bench.engine_floor(&url).await {
+            report(row, &mut rows);
+        }
+    }
+    if wants("throughput") {
+        for row in bench.throughput().await {
+            report(row, &mut rows);
+        }
+    }
+    if wants("scale") {
+        for row in bench.scale(&mut operator).await {
+            report(row, &mut rows);
+        }
+    }
+    // The headline comparison.
+    let p99 = |prefix: &str| {
+        rows.iter()
+            .find(|r| r.scenario.starts_with(prefix))
+            .and_then(|r| r.p50_ms.zip(r.p99_ms))
+    };
+    if let (Some((ours_p50, _)), Some((peer_p50, _))) = (p99("handoff latency (holder deleted"), p99("peer:")) {
+        rows.push(value_row(
+            "handoff speed-up vs client-go Lease (p50)",
+            peer_p50 / ours_p50,
+            "x",
+            "goal ≥ 20",
+        ));
+    }
+    print_table(&rows);
+    let machine = format!(
+        "{} cores, {} ",
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|m| m
+                .lines()
+                .next()
+                .map(|l| l.split_whitespace().nth(1).unwrap_or("").to_string()))
+            .map(|kb| format!("{:.0} GiB RAM", kb.parse::<f64>().unwrap_or(0.0) / 1048576.0))
+            .unwrap_or_default()
+    );
+    let json = json!({"machine": machine, "quick": quick, "rows": rows});
+    std::fs::write("bench/out/results.json", serde_json::to_string_pretty(&json).unwrap()).unwrap();
+    eprintln!("bench: wrote bench/out/results.json");
+}
+
+fn print_table(rows: &[Row]) {
+    let fmt = |v: Option<f64>| v.map(|v| format!("{v:.1}")).unwrap_or_else(|| "".into());
+    println!("| scenario | n | p50 | p90 | p99 | value | note |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | --- |");
+    for r in rows {
+        let value = r.value.map(|v| format!("{v:.2} {}", r.unit)).unwrap_or_default();
+        let unit = if r.p50_ms.is_some() { " ms" } else { "" };
+        println!(
+            "| {} | {} | {}{unit} | {}{unit} | {}{unit} | {} | {} |",
+            r.scenario,
+            r.count,
+            fmt(r.p50_ms),
+            fmt(r.p90_ms),
+            fmt(r.p99_ms),
+            value,
+            r.note
+        );
+    }
+}
