@@ -219,11 +219,22 @@ pub async fn exec(args: ExecArgs) -> Result<i32, CliError> {
         }
     };
     lease.stop().await;
-    if let Err(e) = client.release(&lock.lock_id, &lock.token).await {
-        eprintln!(
+    match client.release(&lock.lock_id, &lock.token).await {
+        Ok(true) => {}
+        // Not ours any more: the lease ran out (the process was paused, or
+        // renewals failed) and someone else may have held it meanwhile.
+        Ok(false) if !lock_lost => {
+            lock_lost = true;
+            eprintln!(
+                "lockctl: lock {:?} was lost while the command ran (its lease was not renewed in time)",
+                lock.lock_id
+            );
+        }
+        Ok(false) => {}
+        Err(e) => eprintln!(
             "lockctl: could not release lock {:?} (it expires by itself): {e}",
             lock.lock_id
-        );
+        ),
     }
     let code = exit_code(status);
     Ok(if lock_lost { code.max(1) } else { code })
