@@ -188,12 +188,17 @@ fn cli_handles_non_utf8_deep_and_huge_input() {
     for i in 0..64 {
         deep = json!({format!("l{i}"): deep});
     }
-    let huge = json!({"blob": "x".repeat(256 * 1024)});
+    // larger than one command-line argument may be: passed as @FILE
+    let huge = json!({"blob": "x".repeat(1024 * 1024)});
+    let dir = tempfile::tempdir().unwrap();
     for (name, metadata) in [("deep", deep), ("huge", huge)] {
         let id = common::unique(name);
+        let file = dir.path().join(name);
+        std::fs::write(&file, metadata.to_string()).unwrap();
         let out = common::lockctl()
             .env("ELASTICSEARCH_URL", &url)
-            .args(["acquire", &id, "--metadata", &metadata.to_string(), "-o", "json"])
+            .args(["acquire", &id, "-o", "json"])
+            .arg(format!("--metadata=@{}", file.display()))
             .output()
             .unwrap();
         assert_eq!(

@@ -30,7 +30,7 @@ pub struct AcquireArgs {
     /// Lease length.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub ttl: Duration,
-    /// JSON object stored with the lock.
+    /// JSON object stored with the lock; `@FILE` reads it from a file, `@-` from stdin.
     #[arg(long, value_parser = parse_metadata)]
     pub metadata: Option<Value>,
     /// Who holds it (display text).
@@ -93,8 +93,23 @@ pub struct ExecArgs {
     pub engine: EngineArgs,
 }
 
-/// `--metadata` must be a JSON object.
+/// `--metadata` must be a JSON object, given inline or as `@FILE` (`@-`: stdin).
 pub fn parse_metadata(text: &str) -> Result<Value, String> {
+    let content;
+    let text = match text.strip_prefix('@') {
+        Some("-") => {
+            let mut buf = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut buf)
+                .map_err(|e| format!("cannot read stdin: {e}"))?;
+            content = buf;
+            content.as_str()
+        }
+        Some(path) => {
+            content = std::fs::read_to_string(path).map_err(|e| format!("cannot read {path}: {e}"))?;
+            content.as_str()
+        }
+        None => text,
+    };
     let value: Value = serde_json::from_str(text).map_err(|e| format!("invalid JSON: {e}"))?;
     if !value.is_object() {
         return Err("metadata must be a JSON object, e.g. '{\"owner\":\"team-a\"}'".into());
