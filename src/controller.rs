@@ -451,15 +451,15 @@ async fn add_finalizer_and_arrival(
         let arrival = queue::arrival(lock, &|_| first_seen);
         metadata["annotations"] = json!({queue::QUEUE_SEQUENCE_ANNOTATION: arrival.to_string()});
     }
-    api.patch(
-        &lock.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(json!({"metadata": metadata})),
-    )
-    .await
-    .map_err(Error::Kube)?;
-    // The write itself triggers the next reconcile.
-    Ok(Action::await_change())
+    let patch = Patch::Merge(json!({"metadata": metadata}));
+    match api.patch(&lock.name_any(), &PatchParams::default(), &patch).await {
+        // The write itself triggers the next reconcile.
+        Ok(_) => Ok(Action::await_change()),
+        // We acted on a stale copy: the newer one is on its way and triggers
+        // the next reconcile, so there is nothing to retry.
+        Err(kube::Error::Api(s)) if s.code == 409 => Ok(Action::await_change()),
+        Err(e) => Err(Error::Kube(e)),
+    }
 }
 
 fn update_gauges(ctx: &Context) {
