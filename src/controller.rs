@@ -728,14 +728,7 @@ async fn keep_or_release(lock: Arc<DistributedLock>, ctx: &Context, key: &str, t
             let mut next = status.clone();
             next.renewed_at = Some(rfc3339(now));
             next.expires_at = Some(rfc3339(now + chrono::Duration::from_std(ttl).unwrap_or_default()));
-            set_condition(
-                &mut next,
-                &lock,
-                "IndexReachable",
-                "True",
-                "Reachable",
-                "the lock index answers",
-            );
+            mark_index_reachable(&mut next, &lock);
             write_status(&lock, ctx, next).await?;
             Ok(Action::requeue(renew_period(ttl)))
         }
@@ -895,14 +888,7 @@ async fn write_pending(
         ..Default::default()
     };
     set_condition(&mut next, lock, "Granted", "False", reason, message);
-    set_condition(
-        &mut next,
-        lock,
-        "IndexReachable",
-        "True",
-        "Reachable",
-        "the lock index answers",
-    );
+    mark_index_reachable(&mut next, lock);
     write_status(lock, ctx, next).await
 }
 
@@ -930,15 +916,19 @@ async fn write_granted(lock: &DistributedLock, ctx: &Context, grant: &Lock) -> R
         "Acquired",
         &format!("lock {} granted, fencing token {}", grant.lock_id, grant.fencing_token),
     );
+    mark_index_reachable(&mut next, lock);
+    write_status(lock, ctx, next).await
+}
+
+fn mark_index_reachable(status: &mut DistributedLockStatus, lock: &DistributedLock) {
     set_condition(
-        &mut next,
+        status,
         lock,
         "IndexReachable",
         "True",
         "Reachable",
         "the lock index answers",
     );
-    write_status(lock, ctx, next).await
 }
 
 /// Best effort: tell the user (status condition) that the lock index cannot be reached.

@@ -266,6 +266,15 @@ mod tests {
     }
 
     #[test]
+    fn committed_crd_matches_the_rust_types() {
+        let committed = include_str!("../crds/distributedlocks.yaml");
+        assert!(
+            committed == crd_yaml().unwrap(),
+            "crds/distributedlocks.yaml is stale: run `cargo run -q -- crd > crds/distributedlocks.yaml`"
+        );
+    }
+
+    #[test]
     fn crd_has_the_contracted_names_columns_and_validation() {
         let crd = serde_json::to_value(DistributedLock::crd()).unwrap();
         assert_eq!(crd["metadata"]["name"], "distributedlocks.lockmanager.dev");

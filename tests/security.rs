@@ -31,7 +31,9 @@ async fn start_secure_front(upstream: String) -> SecureFront {
     let ca_key = rcgen::KeyPair::generate().unwrap();
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca_params.distinguished_name.push(rcgen::DnType::CommonName, "security test CA");
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "security test CA");
     let ca_cert = ca_params.self_signed(&ca_key).unwrap();
     let issuer = rcgen::Issuer::new(ca_params, ca_key);
     let server_key = rcgen::KeyPair::generate().unwrap();
@@ -56,10 +58,18 @@ async fn start_secure_front(upstream: String) -> SecureFront {
     let app = axum::Router::new().fallback(move |method: Method, uri: Uri, headers: HeaderMap, body: Bytes| {
         let (basic, http, upstream) = (basic.clone(), http.clone(), upstream.clone());
         async move {
-            let auth = headers.get("authorization").and_then(|v| v.to_str().ok()).unwrap_or_default();
+            let auth = headers
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default();
             if auth != basic && auth != format!("ApiKey {API_KEY}") {
-                let denied = r#"{"error":{"type":"security_exception","reason":"unable to authenticate user"},"status":401}"#;
-                return (StatusCode::UNAUTHORIZED, [("content-type", "application/json")], Bytes::from_static(denied.as_bytes()));
+                let denied =
+                    r#"{"error":{"type":"security_exception","reason":"unable to authenticate user"},"status":401}"#;
+                return (
+                    StatusCode::UNAUTHORIZED,
+                    [("content-type", "application/json")],
+                    Bytes::from_static(denied.as_bytes()),
+                );
             }
             let target = format!("{upstream}{}", uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"));
             let mut request = http.request(method, target).body(body);
@@ -68,7 +78,11 @@ async fn start_secure_front(upstream: String) -> SecureFront {
             }
             let response = request.send().await.unwrap();
             let status = response.status();
-            (status, [("content-type", "application/json")], response.bytes().await.unwrap())
+            (
+                status,
+                [("content-type", "application/json")],
+                response.bytes().await.unwrap(),
+            )
         }
     });
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -103,12 +117,41 @@ async fn basic_auth_and_api_keys_over_tls_with_a_ca_bundle() {
     let ca = front.ca.to_str().unwrap().to_string();
     let id = common::unique("secure");
 
-    let out = lockctl(&front, &["acquire", &id, "--es-ca-cert", &ca, "--es-username", USER, "--es-password", PASSWORD]);
+    let out = lockctl(
+        &front,
+        &[
+            "acquire",
+            &id,
+            "--es-ca-cert",
+            &ca,
+            "--es-username",
+            USER,
+            "--es-password",
+            PASSWORD,
+        ],
+    );
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
     let out = lockctl(&front, &["get", &id, "--es-ca-cert", &ca, "--es-api-key", API_KEY]);
-    assert_eq!(out.status.code(), Some(0), "API keys work too: {}", String::from_utf8_lossy(&out.stderr));
-    let out = lockctl(&front, &["release", &id, "--token", &token, "--es-ca-cert", &ca, "--es-api-key", API_KEY]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "API keys work too: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = lockctl(
+        &front,
+        &[
+            "release",
+            &id,
+            "--token",
+            &token,
+            "--es-ca-cert",
+            &ca,
+            "--es-api-key",
+            API_KEY,
+        ],
+    );
     assert_eq!(out.status.code(), Some(0));
 
     // without the CA bundle the certificate is not trusted
@@ -119,7 +162,19 @@ async fn basic_auth_and_api_keys_over_tls_with_a_ca_bundle() {
     assert_eq!(err.trim().lines().count(), 1, "{err}");
 
     // wrong credentials: a clear refusal that does not print the secret
-    let out = lockctl(&front, &["acquire", &id, "--es-ca-cert", &ca, "--es-username", USER, "--es-password", "wrong-Secret-123"]);
+    let out = lockctl(
+        &front,
+        &[
+            "acquire",
+            &id,
+            "--es-ca-cert",
+            &ca,
+            "--es-username",
+            USER,
+            "--es-password",
+            "wrong-Secret-123",
+        ],
+    );
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("401") && err.contains("unable to authenticate"), "{err}");
@@ -151,11 +206,17 @@ async fn the_operator_refuses_bad_credentials_and_never_logs_secrets() {
     };
     // bad credentials: refuses to start, with a clear message
     let child = operator("not-the-Password-9", common::free_port());
-    let out = tokio::task::spawn_blocking(move || child.wait_with_output()).await.unwrap().unwrap();
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     let last = err.trim().lines().last().unwrap_or_default();
-    assert!(last.contains("lock index is not usable") && last.contains("401"), "{err}");
+    assert!(
+        last.contains("lock index is not usable") && last.contains("401"),
+        "{err}"
+    );
     assert!(!err.contains("not-the-Password-9"), "secret in the output");
 
     // good credentials: it starts and serves; the password is nowhere in its logs
@@ -179,5 +240,8 @@ async fn the_operator_refuses_bad_credentials_and_never_logs_secrets() {
     assert!(text.contains("operator started"), "{text}");
     assert!(!text.contains(PASSWORD), "the password appears in the operator's log");
     let basic = base64::engine::general_purpose::STANDARD.encode(format!("{USER}:{PASSWORD}"));
-    assert!(!text.contains(&basic), "the encoded credentials appear in the operator's log");
+    assert!(
+        !text.contains(&basic),
+        "the encoded credentials appear in the operator's log"
+    );
 }
