@@ -139,6 +139,8 @@ pub struct Context {
     /// The resourceVersion each request had when the watcher first delivered
     /// it (by UID): its place in line until `status.queueSequence` records it.
     pub first_seen: Arc<std::sync::Mutex<std::collections::HashMap<String, u64>>>,
+    /// Requests whose lock was released but whose status may still say Granted.
+    pub released_uids: std::sync::Mutex<HashSet<String>>,
     /// When this controller last released a key (for the handoff histogram).
     pub released_at: std::sync::Mutex<std::collections::HashMap<String, Instant>>,
 }
@@ -214,6 +216,7 @@ pub async fn run(args: OperatorArgs) -> Result<(), OperatorError> {
             .then(|| args.cluster_scope_namespaces.iter().cloned().collect()),
         max_retry_interval: args.max_retry_interval,
         released_at: Default::default(),
+        released_uids: Default::default(),
         first_seen,
     });
     tracing::info!(index = %ctx.locks.index(), "operator started");
@@ -364,6 +367,26 @@ fn record_sighting(
 }
 
 impl Context {
+    /// True for a request whose lock this controller released a moment ago,
+    /// before its status says so.
+    fn just_released(&self, lock: &DistributedLock) -> bool {
+        lock.uid().is_some_and(|uid| {
+            self.released_uids
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(&uid)
+        })
+    }
+
+    fn forget_released(&self, lock: &DistributedLock) {
+        if let Some(uid) = lock.uid() {
+            self.released_uids
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&uid);
+        }
+    }
+
     fn first_seen(&self, lock: &DistributedLock) -> Option<u64> {
         let uid = lock.uid()?;
         self.first_seen
@@ -475,6 +498,7 @@ async fn apply(lock: Arc<DistributedLock>, ctx: &Context) -> Result<Action> {
     // Whatever changed about this request may have moved the others.
     wake_others(ctx, &key, &lock);
     if phase.is_final() {
+        ctx.forget_released(&lock);
         // A request that just left the lock: let the queue move.
         wake_queue(ctx, &key);
         return Ok(Action::await_change());
@@ -621,7 +645,7 @@ async fn try_grant(lock: Arc<DistributedLock>, ctx: &Context, key: &str, ttl: Du
     let all = ctx.store.state();
     let waiters = queue::waiters(&all, key, &|l| ctx.first_seen(l));
     let position = queue::position(&waiters, &lock);
-    let holder_here = queue::holder(&all, key).filter(|h| h.uid() != lock.uid());
+    let holder_here = queue::holder(&all, key, &|l| ctx.just_released(l)).filter(|h| h.uid() != lock.uid());
     if position > 1 || holder_here.is_some() {
         let message = match &holder_here {
             Some(h) => format!("waiting for {} (held by {})", key, h.name_any()),
@@ -801,6 +825,9 @@ async fn release_and_finish(
     released.map_err(Error::Lock)?;
     ctx.metrics.releases.inc();
     observe_hold(ctx, lock);
+    if let Some(uid) = lock.uid() {
+        ctx.released_uids.lock().unwrap_or_else(|p| p.into_inner()).insert(uid);
+    }
     mark_released(ctx, key);
     publish(
         ctx,
@@ -836,13 +863,17 @@ fn mark_released(ctx: &Context, key: &str) {
 
 /// Reconcile, now, the requests of `key` whose state is behind the queue.
 fn wake_queue(ctx: &Context, key: &str) {
-    for lock in queue::needing_attention(&ctx.store.state(), key, &|l| ctx.first_seen(l)) {
+    for lock in queue::needing_attention(&ctx.store.state(), key, &|l| ctx.first_seen(l), &|l| {
+        ctx.just_released(l)
+    }) {
         let _ = ctx.wake.send(ObjectRef::from_obj(lock.as_ref()));
     }
 }
 
 fn wake_others(ctx: &Context, key: &str, me: &DistributedLock) {
-    for lock in queue::needing_attention(&ctx.store.state(), key, &|l| ctx.first_seen(l)) {
+    for lock in queue::needing_attention(&ctx.store.state(), key, &|l| ctx.first_seen(l), &|l| {
+        ctx.just_released(l)
+    }) {
         if lock.uid() != me.uid() {
             let _ = ctx.wake.send(ObjectRef::from_obj(lock.as_ref()));
         }

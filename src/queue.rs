@@ -89,10 +89,15 @@ pub fn waiters(
 }
 
 /// The request of this cluster that holds `key`, if any. A holder being
-/// deleted is releasing its lock and no longer counts.
-pub fn holder(all: &[Arc<DistributedLock>], key: &str) -> Option<Arc<DistributedLock>> {
+/// deleted is releasing its lock and no longer counts, nor does one whose
+/// lock was just `released` (its status may not say so yet).
+pub fn holder(
+    all: &[Arc<DistributedLock>],
+    key: &str,
+    released: &dyn Fn(&DistributedLock) -> bool,
+) -> Option<Arc<DistributedLock>> {
     all.iter()
-        .find(|l| phase(l) == Phase::Granted && !is_deleting(l) && lock_key(l) == key)
+        .find(|l| phase(l) == Phase::Granted && !is_deleting(l) && lock_key(l) == key && !released(l))
         .cloned()
 }
 
@@ -112,9 +117,10 @@ pub fn needing_attention(
     all: &[Arc<DistributedLock>],
     key: &str,
     first_seen: &dyn Fn(&DistributedLock) -> Option<u64>,
+    released: &dyn Fn(&DistributedLock) -> bool,
 ) -> Vec<Arc<DistributedLock>> {
     let queue = waiters(all, key, first_seen);
-    let free = holder(all, key).is_none();
+    let free = holder(all, key, released).is_none();
     queue
         .iter()
         .enumerate()
@@ -199,7 +205,7 @@ mod tests {
         .map(Arc::new)
         .collect();
         assert_eq!(names(&waiters(&all, "ns/a", &unseen)), ["waiting"]);
-        assert!(holder(&all, "ns/a").is_none());
+        assert!(holder(&all, "ns/a", &|_| false).is_none());
     }
 
     #[test]
@@ -212,11 +218,14 @@ mod tests {
             .map(Arc::new)
             .collect();
         // "second" records a stale position
-        assert_eq!(names(&needing_attention(&all, "ns/a", &unseen)), ["second"]);
+        assert_eq!(names(&needing_attention(&all, "ns/a", &unseen, &|_| false)), ["second"]);
         let mut released = holder_lock;
         released.status.as_mut().unwrap().phase = Some(Phase::Released);
         let all: Vec<_> = [released, first, second].into_iter().map(Arc::new).collect();
-        assert_eq!(names(&needing_attention(&all, "ns/a", &unseen)), ["first", "second"]);
+        assert_eq!(
+            names(&needing_attention(&all, "ns/a", &unseen, &|_| false)),
+            ["first", "second"]
+        );
         assert_eq!(position(&waiters(&all, "ns/a", &unseen), &all[2]), 2);
     }
 
