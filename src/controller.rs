@@ -4,7 +4,7 @@
 //! Reconcile = finalizer → apply / cleanup. Queue decisions are the pure
 //! functions of [`crate::queue`]; this module does the I/O around them.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -138,11 +138,14 @@ pub struct Context {
     pub max_retry_interval: Duration,
     /// The resourceVersion each request had when the watcher first delivered
     /// it (by UID): its place in line until `status.queueSequence` records it.
-    pub first_seen: Arc<std::sync::Mutex<std::collections::HashMap<String, u64>>>,
+    pub first_seen: Arc<std::sync::Mutex<HashMap<String, u64>>>,
+    /// Requests by lock key (keys are immutable), so a reconcile looks at its
+    /// own queue only, not at every request in the cluster.
+    pub by_key: Arc<std::sync::Mutex<HashMap<String, HashSet<ObjectRef<DistributedLock>>>>>,
     /// Requests whose lock was released but whose status may still say Granted.
     pub released_uids: std::sync::Mutex<HashSet<String>>,
     /// When this controller last released a key (for the handoff histogram).
-    pub released_at: std::sync::Mutex<std::collections::HashMap<String, Instant>>,
+    pub released_at: std::sync::Mutex<HashMap<String, Instant>>,
 }
 
 /// Runs the controller until SIGTERM/SIGINT.
@@ -181,16 +184,21 @@ pub async fn run(args: OperatorArgs) -> Result<(), OperatorError> {
     // Our own reflector, so that readiness follows the watcher's first full list.
     let (store, writer) = reflector::store();
     let synced = readiness.clone();
-    let first_seen: Arc<std::sync::Mutex<std::collections::HashMap<String, u64>>> = Default::default();
+    let first_seen: Arc<std::sync::Mutex<HashMap<String, u64>>> = Default::default();
     let sightings = first_seen.clone();
+    let by_key: Arc<std::sync::Mutex<HashMap<String, HashSet<ObjectRef<DistributedLock>>>>> = Default::default();
+    let index = by_key.clone();
     let mut lock_watch = watcher::Config::default().any_semantic();
     if let Some(selector) = &args.selector {
         lock_watch = lock_watch.labels(selector);
     }
     let lock_events = watcher::watcher(locks_api, lock_watch)
         .default_backoff()
+        // managedFields are most of an object's size and never read here
+        .modify(|lock| lock.managed_fields_mut().clear())
         .inspect_ok(move |event| {
             record_sighting(&sightings, event);
+            index_by_key(&index, event);
             if matches!(event, watcher::Event::InitDone) && !synced.synced.swap(true, Ordering::Relaxed) {
                 tracing::info!("DistributedLock watcher synced");
             }
@@ -218,8 +226,10 @@ pub async fn run(args: OperatorArgs) -> Result<(), OperatorError> {
         released_at: Default::default(),
         released_uids: Default::default(),
         first_seen,
+        by_key,
     });
     tracing::info!(index = %ctx.locks.index(), "operator started");
+    let gauges = tokio::spawn(update_gauges_every(ctx.clone(), Duration::from_secs(1)));
     let mut gated_jobs = watcher::Config::default().any_semantic();
     let mut owned_locks = watcher::Config::default().any_semantic();
     if let Some(selector) = &args.selector {
@@ -268,6 +278,7 @@ pub async fn run(args: OperatorArgs) -> Result<(), OperatorError> {
         controllers.await;
     }
     http.abort();
+    gauges.abort();
     tracing::info!("operator stopped");
     Ok(())
 }
@@ -344,6 +355,31 @@ async fn lead_then_run(
     }
 }
 
+fn index_by_key(
+    index: &std::sync::Mutex<HashMap<String, HashSet<ObjectRef<DistributedLock>>>>,
+    event: &watcher::Event<DistributedLock>,
+) {
+    let mut index = index.lock().unwrap_or_else(|p| p.into_inner());
+    match event {
+        watcher::Event::Apply(lock) | watcher::Event::InitApply(lock) => {
+            index
+                .entry(queue::lock_key(lock))
+                .or_default()
+                .insert(ObjectRef::from_obj(lock));
+        }
+        watcher::Event::Delete(lock) => {
+            let key = queue::lock_key(lock);
+            if let Some(refs) = index.get_mut(&key) {
+                refs.remove(&ObjectRef::from_obj(lock));
+                if refs.is_empty() {
+                    index.remove(&key);
+                }
+            }
+        }
+        watcher::Event::Init | watcher::Event::InitDone => {}
+    }
+}
+
 /// Remembers the resourceVersion of each request's first watch event: the
 /// watcher delivers creations in the order the API server stored them.
 fn record_sighting(
@@ -385,6 +421,18 @@ impl Context {
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(&uid);
         }
+    }
+
+    /// The requests of one lock key, as the cache has them now.
+    fn members(&self, key: &str) -> Vec<Arc<DistributedLock>> {
+        let refs: Vec<_> = self
+            .by_key
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+            .map(|r| r.iter().cloned().collect())
+            .unwrap_or_default();
+        refs.iter().filter_map(|r| self.store.get(r)).collect()
     }
 
     fn first_seen(&self, lock: &DistributedLock) -> Option<u64> {
@@ -451,7 +499,6 @@ async fn reconcile(lock: Arc<DistributedLock>, ctx: Arc<Context>) -> Result<Acti
     })
     .await
     .map_err(|e| Error::Finalizer(Box::new(e)));
-    update_gauges(&ctx);
     tracing::debug!(?result, "reconciled");
     result
 }
@@ -482,6 +529,15 @@ async fn add_finalizer_and_arrival(
         // the next reconcile, so there is nothing to retry.
         Err(kube::Error::Api(s)) if s.code == 409 => Ok(Action::await_change()),
         Err(e) => Err(Error::Kube(e)),
+    }
+}
+
+/// Refreshes the holders/waiters gauges from the cache every few seconds
+/// (counting per reconcile would cost O(requests) each time).
+async fn update_gauges_every(ctx: Arc<Context>, period: Duration) {
+    loop {
+        update_gauges(&ctx);
+        tokio::time::sleep(period).await;
     }
 }
 
@@ -642,7 +698,7 @@ async fn try_grant(lock: Arc<DistributedLock>, ctx: &Context, key: &str, ttl: Du
     }
     let until_deadline = deadline.map(|d| (d - now).to_std().unwrap_or_default());
 
-    let all = ctx.store.state();
+    let all = ctx.members(key);
     let waiters = queue::waiters(&all, key, &|l| ctx.first_seen(l));
     let position = queue::position(&waiters, &lock);
     let holder_here = queue::holder(&all, key, &|l| ctx.just_released(l)).filter(|h| h.uid() != lock.uid());
@@ -863,7 +919,7 @@ fn mark_released(ctx: &Context, key: &str) {
 
 /// Reconcile, now, the requests of `key` whose state is behind the queue.
 fn wake_queue(ctx: &Context, key: &str) {
-    for lock in queue::needing_attention(&ctx.store.state(), key, &|l| ctx.first_seen(l), &|l| {
+    for lock in queue::needing_attention(&ctx.members(key), key, &|l| ctx.first_seen(l), &|l| {
         ctx.just_released(l)
     }) {
         let _ = ctx.wake.send(ObjectRef::from_obj(lock.as_ref()));
@@ -871,7 +927,7 @@ fn wake_queue(ctx: &Context, key: &str) {
 }
 
 fn wake_others(ctx: &Context, key: &str, me: &DistributedLock) {
-    for lock in queue::needing_attention(&ctx.store.state(), key, &|l| ctx.first_seen(l), &|l| {
+    for lock in queue::needing_attention(&ctx.members(key), key, &|l| ctx.first_seen(l), &|l| {
         ctx.just_released(l)
     }) {
         if lock.uid() != me.uid() {
