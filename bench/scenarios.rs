@@ -155,7 +155,10 @@ impl Operator {
                 "--http-addr",
                 &format!("127.0.0.1:{port}"),
             ])
-            .env("RUST_LOG", "warn")
+            .env(
+                "RUST_LOG",
+                std::env::var("BENCH_OPERATOR_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

@@ -938,6 +938,21 @@ fn wake_others(ctx: &Context, key: &str, me: &DistributedLock) {
 
 /// Moves a request to a final phase (Released, Expired, Lost, Failed).
 async fn finish(lock: &DistributedLock, ctx: &Context, phase: Phase, reason: &str, message: &str) -> Result<Action> {
+    // The request's token is its UID, so a grant this copy of the object does
+    // not show yet (a stale cache, or a crash between acquiring and writing
+    // the status) is released here too; token-fenced, so it never touches
+    // another holder's lock.
+    if let Some(uid) = lock.uid() {
+        let key = queue::lock_key(lock);
+        let started = Instant::now();
+        let released = ctx.locks.release(&key, &uid).await;
+        record_engine(ctx, "release", started, &released);
+        if released.map_err(Error::Lock)? {
+            ctx.metrics.releases.inc();
+            tracing::info!(%key, "released a grant the cached status did not show yet");
+            mark_released(ctx, &key);
+        }
+    }
     let previous = lock.status.clone().unwrap_or_default();
     let mut next = DistributedLockStatus {
         phase: Some(phase),
