@@ -37,8 +37,10 @@ struct Hold {
     fencing: i64,
     start: f64,
     end: f64,
-    /// When the holder was paused (SIGSTOP), if it was.
+    /// When the holder was paused (SIGSTOP), if it was, and until when its
+    /// lease was valid as far as it knew at that moment.
     paused_at: Option<f64>,
+    valid_until: Option<f64>,
     /// The holder was told it lost the lock.
     told_lost: bool,
 }
@@ -47,7 +49,7 @@ struct Hold {
 struct History {
     holds: Mutex<Vec<Hold>>,
     faults: Mutex<Vec<String>>,
-    pauses: Mutex<HashMap<u32, f64>>,
+    pauses: Mutex<HashMap<u32, (f64, Option<f64>)>>,
     unreachable_seen: AtomicBool,
 }
 
@@ -67,10 +69,11 @@ fn check(holds: &[Hold]) -> Vec<String> {
     }
     for (key, mut list) in by_key {
         list.sort_by(|a, b| a.start.total_cmp(&b.start));
-        // A paused holder that was told it lost the lock believed in it only
-        // until its lease could have run out.
-        let end = |h: &Hold| match h.paused_at {
-            Some(p) if h.told_lost => h.end.min(p + TTL_MS),
+        // A paused holder that was told it lost the lock could rely on it
+        // only until its lease ran out as far as it knew (lockctl's lease file).
+        let end = |h: &Hold| match (h.paused_at, h.valid_until) {
+            (Some(_), Some(valid)) if h.told_lost => h.end.min(valid),
+            (Some(p), None) if h.told_lost => h.end.min(p + TTL_MS),
             _ => h.end,
         };
         for (i, a) in list.iter().enumerate() {
@@ -98,6 +101,7 @@ fn checker_finds_overlaps_and_stale_fencing_tokens() {
         start,
         end,
         paused_at: None,
+        valid_until: None,
         told_lost: false,
     };
     assert!(check(&[hold("a", 1, 0.0, 10.0), hold("b", 2, 10.0, 20.0)]).is_empty());
@@ -237,6 +241,7 @@ async fn crd_client(
                     start,
                     end,
                     paused_at: None,
+                    valid_until: None,
                     told_lost: false,
                 });
             }
@@ -268,7 +273,9 @@ fn exec_client(
             f = out_file.display()
         );
         let child = common::lockctl()
-            .args(["exec", &key, "--ttl", "3s", "--wait", "60s", "--", "sh", "-c", &script])
+            .args(["exec", &key, "--ttl", "3s", "--wait", "60s", "--lease-file"])
+            .arg(out_dir.join(format!("x{id}-{i}.lease")))
+            .args(["--", "sh", "-c", &script])
             .process_group(0)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -303,7 +310,8 @@ fn exec_client(
             fencing: fencing.parse().unwrap(),
             start,
             end,
-            paused_at: history.pauses.lock().unwrap().get(&pid).copied(),
+            paused_at: history.pauses.lock().unwrap().get(&pid).map(|p| p.0),
+            valid_until: history.pauses.lock().unwrap().get(&pid).and_then(|p| p.1),
             told_lost: out.status.code() != Some(0) && stderr.contains("was lost"),
         });
     }
@@ -327,10 +335,16 @@ fn pause_an_exec_holder(history: &History, out_dir: &std::path::Path) -> bool {
             continue; // not holding right now
         }
         let pid: u32 = pid.parse().unwrap();
-        history.pauses.lock().unwrap().insert(pid, now_ms());
+        let paused_at = now_ms();
         if killpg(Pid::from_raw(pid as i32), Signal::SIGSTOP).is_err() {
             continue;
         }
+        // stopped: its lease file no longer changes
+        let valid_until = std::fs::read_to_string(std::path::Path::new(file).with_extension("lease"))
+            .ok()
+            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t.trim()).ok())
+            .map(|t| t.timestamp_millis() as f64);
+        history.pauses.lock().unwrap().insert(pid, (paused_at, valid_until));
         history.fault(&format!("SIGSTOP exec holder {pid} for 4s (TTL 3s)"));
         std::thread::sleep(Duration::from_millis(TTL_MS as u64 + 1000));
         let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGCONT);

@@ -86,6 +86,10 @@ pub struct ExecArgs {
     pub metadata: Option<Value>,
     #[arg(long)]
     pub holder: Option<String>,
+    /// Keep this file holding the time (RFC 3339) until which the lock is
+    /// safe to rely on; rewritten after every renewal (the command can read it).
+    #[arg(long)]
+    pub lease_file: Option<std::path::PathBuf>,
     /// The command to run while holding the lock. It sees LOCK_TOKEN and LOCK_FENCING_TOKEN.
     #[arg(required = true, last = true)]
     pub command: Vec<String>,
@@ -194,13 +198,54 @@ pub async fn exec(args: ExecArgs) -> Result<i32, CliError> {
 
     let client = LockClient::from_args(&args.engine)?;
     let req = request(&args.lock_id, args.ttl, args.metadata, args.holder);
-    let Some(lock) = acquire_once_or_wait(&client, &req, args.wait).await? else {
+    let mut sent = std::time::SystemTime::now();
+    let lock = match args.wait {
+        // the last attempt's send time bounds the lease, so attempt by attempt
+        Some(wait) => {
+            let deadline = std::time::Instant::now() + wait;
+            let mut delay = Duration::from_millis(50);
+            loop {
+                sent = std::time::SystemTime::now();
+                if let Some(lock) = client.try_acquire(&req).await? {
+                    break Some(lock);
+                }
+                let now = std::time::Instant::now();
+                if now >= deadline {
+                    break None;
+                }
+                tokio::time::sleep(delay.min(deadline - now)).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+        }
+        None => client.try_acquire(&req).await?,
+    };
+    let Some(lock) = lock else {
         eprintln!(
             "lockctl: could not acquire lock {:?}: it is held by someone else",
             args.lock_id
         );
         return Ok(EXIT_NOT_ACQUIRED);
     };
+    let lease = Lease::start(client.clone(), lock.clone(), args.ttl, sent);
+    if let Some(path) = args.lease_file.clone() {
+        let mut valid = lease.valid_until();
+        tokio::spawn(async move {
+            loop {
+                let until: chrono::DateTime<chrono::Utc> = (*valid.borrow_and_update()).into();
+                let tmp = path.with_extension("tmp");
+                let text = until.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+                if std::fs::write(&tmp, text)
+                    .and_then(|_| std::fs::rename(&tmp, &path))
+                    .is_err()
+                {
+                    return;
+                }
+                if valid.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
     let mut child = match tokio::process::Command::new(&args.command[0])
         .args(&args.command[1..])
         .env("LOCK_ID", &lock.lock_id)
@@ -214,7 +259,6 @@ pub async fn exec(args: ExecArgs) -> Result<i32, CliError> {
             return Err(CliError::Spawn(args.command[0].clone(), e));
         }
     };
-    let lease = Lease::start(client.clone(), lock.clone(), args.ttl);
     let mut lost = lease.lost_signal();
     let mut sigterm = signal(SignalKind::terminate()).map_err(CliError::Signal)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(CliError::Signal)?;

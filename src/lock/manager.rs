@@ -33,13 +33,17 @@ pub struct Lease {
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
     lost: watch::Receiver<bool>,
+    valid_until: watch::Receiver<std::time::SystemTime>,
 }
 
 impl Lease {
     /// Starts renewing `lock`.
-    pub fn start(client: LockClient, lock: Lock, ttl: Duration) -> Self {
+    /// `granted_at` is when the acquire request was sent: the lease is safe
+    /// to rely on until `granted_at + ttl` (the engine's expiry is later).
+    pub fn start(client: LockClient, lock: Lock, ttl: Duration, granted_at: std::time::SystemTime) -> Self {
         let (stop, mut stopped) = watch::channel(false);
         let (lost_tx, lost) = watch::channel(false);
+        let (valid_tx, valid_until) = watch::channel(granted_at + ttl);
         let period = (ttl / 4).max(Duration::from_millis(10));
         let task = tokio::spawn(async move {
             loop {
@@ -47,11 +51,14 @@ impl Lease {
                     _ = tokio::time::sleep(period) => {}
                     _ = stopped.changed() => return,
                 }
+                let sent = std::time::SystemTime::now();
                 match client
                     .extend(&lock.lock_id, &lock.token, ttl, Some(lock.fencing_token))
                     .await
                 {
-                    Ok(true) => {}
+                    Ok(true) => {
+                        let _ = valid_tx.send(sent + ttl);
+                    }
                     Ok(false) => {
                         tracing::warn!(lock_id = %lock.lock_id, "lock was lost: another owner holds it now");
                         let _ = lost_tx.send(true);
@@ -63,7 +70,18 @@ impl Lease {
                 }
             }
         });
-        Self { stop, task, lost }
+        Self {
+            stop,
+            task,
+            lost,
+            valid_until,
+        }
+    }
+
+    /// Until when the holder may rely on the lock: the send time of the last
+    /// successful acquire or renewal plus the TTL.
+    pub fn valid_until(&self) -> watch::Receiver<std::time::SystemTime> {
+        self.valid_until.clone()
     }
 
     /// True once a renewal found the lock held by another token.
@@ -98,6 +116,7 @@ impl LockClient {
         Fut: Future<Output = Result<T, E>>,
     {
         let request = AcquireRequest::new(lock_id, options.ttl, options.metadata);
+        let sent = std::time::SystemTime::now();
         let lock = if options.wait.is_zero() {
             self.try_acquire(&request).await?
         } else {
@@ -109,7 +128,7 @@ impl LockClient {
             }
             .into());
         };
-        let lease = Lease::start(self.clone(), lock.clone(), options.ttl);
+        let lease = Lease::start(self.clone(), lock.clone(), options.ttl, sent);
         let result = f(lock.clone()).await;
         lease.stop().await;
         if let Err(e) = self.release(&lock.lock_id, &lock.token).await {
