@@ -192,7 +192,9 @@ async fn crd_client(
     while !stop.load(Ordering::Relaxed) {
         i += 1;
         let name = format!("c{id}-{i}");
-        let key = keys[(id + i) % keys.len()].clone();
+        // CRD clients use all keys but the last: there the exec clients,
+        // which retry with backoff, do not starve behind queued requests.
+        let key = keys[(id + i) % (keys.len() - 1)].clone();
         let request = common::lock_request(&run, &name, json!({"lockId": key, "scope": "Cluster", "ttl": "3s"}));
         while api.create(&PostParams::default(), &request).await.is_err() {
             if stop.load(Ordering::Relaxed) {
@@ -304,14 +306,16 @@ fn exec_client(
         let end = field("end", 1)
             .map(|e| e.parse::<f64>().unwrap() / 1e6)
             .unwrap_or_else(now_ms);
+        // (one lock at a time: a guard in a temporary lives to the end of the statement)
+        let pause = history.pauses.lock().unwrap().get(&pid).copied();
         history.holds.lock().unwrap().push(Hold {
             key,
             client: format!("x{id}-{i}"),
             fencing: fencing.parse().unwrap(),
             start,
             end,
-            paused_at: history.pauses.lock().unwrap().get(&pid).map(|p| p.0),
-            valid_until: history.pauses.lock().unwrap().get(&pid).and_then(|p| p.1),
+            paused_at: pause.map(|p| p.0),
+            valid_until: pause.and_then(|p| p.1),
             told_lost: out.status.code() != Some(0) && stderr.contains("was lost"),
         });
     }
