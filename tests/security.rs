@@ -110,7 +110,7 @@ fn lockctl(front: &SecureFront, args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn basic_auth_and_api_keys_over_tls_with_a_ca_bundle() {
     let Some(upstream) = common::es_url() else { return };
     let front = start_secure_front(upstream).await;
@@ -182,7 +182,7 @@ async fn basic_auth_and_api_keys_over_tls_with_a_ca_bundle() {
     assert_eq!(err.trim().lines().count(), 1, "{err}");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_operator_refuses_bad_credentials_and_never_logs_secrets() {
     let Some(upstream) = common::services() else { return };
     let front = start_secure_front(upstream).await;
