@@ -212,9 +212,13 @@ async fn the_operator_refuses_bad_credentials_and_never_logs_secrets() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    let last = err.trim().lines().last().unwrap_or_default();
+    // other tasks may still log after the error line; find it
+    let error = err
+        .lines()
+        .find(|l| l.starts_with("lockctl: error:"))
+        .unwrap_or_default();
     assert!(
-        last.contains("lock index is not usable") && last.contains("401"),
+        error.contains("lock index is not usable") && error.contains("401"),
         "{err}"
     );
     assert!(!err.contains("not-the-Password-9"), "secret in the output");
