@@ -9,7 +9,7 @@ use serde_json::Value;
 use super::CliError;
 use crate::duration::parse_duration;
 use crate::engine::EngineArgs;
-use crate::lock::{AcquireRequest, DEFAULT_TTL, Lease, Lock, LockClient};
+use crate::lock::{AcquireRequest, Lease, Lock, LockClient};
 
 /// Exit code of `lockctl exec` when the lock could not be acquired (EX_TEMPFAIL).
 pub const EXIT_NOT_ACQUIRED: i32 = 75;
@@ -309,11 +309,6 @@ fn forward(child: &tokio::process::Child, signal: nix::sys::signal::Signal) {
 fn exit_code(status: ExitStatus) -> i32 {
     use std::os::unix::process::ExitStatusExt;
     status.code().or_else(|| status.signal().map(|s| 128 + s)).unwrap_or(1)
-}
-
-/// The default lease length, for help texts.
-pub fn default_ttl() -> Duration {
-    DEFAULT_TTL
 }
 
 #[cfg(test)]
