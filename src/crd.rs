@@ -10,16 +10,14 @@ use schemars::{Schema, SchemaGenerator, json_schema};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::duration::parse_duration;
+use crate::duration::{DURATION_PATTERN, parse_duration};
 
-/// API group of our resources.
-pub const GROUP: &str = "lockmanager.dev";
 /// Finalizer that keeps a request until its lock is released.
 pub const FINALIZER: &str = "lockmanager.dev/release";
 /// Field manager of everything the controller writes.
 pub const FIELD_MANAGER: &str = "kube-lock-manager";
-/// Lease length when `spec.ttl` is unset.
-pub const DEFAULT_TTL: Duration = Duration::from_secs(30);
+/// Lease length when `spec.ttl` is unset (Kibana's default).
+pub use crate::lock::DEFAULT_TTL;
 
 /// A request for a distributed lock. The controller grants it by acquiring
 /// the lock document in the lock index, renews the lease while the holder
@@ -62,9 +60,12 @@ pub const DEFAULT_TTL: Duration = Duration::from_secs(30);
 pub struct DistributedLockSpec {
     /// Name of the lock. Requests with the same lockId (in the same namespace,
     /// or anywhere for scope Cluster) contend for one lock. 1..200 characters
-    /// of A-Z a-z 0-9 . _ : -. Immutable.
+    /// of A-Z a-z 0-9 . _ : -, not "." or "..". Immutable.
     #[schemars(length(min = 1, max = 200), regex(pattern = r"^[A-Za-z0-9._:-]+$"))]
-    #[x_kube(validation = Rule::new("self == oldSelf").message("spec.lockId is immutable"))]
+    #[x_kube(
+        validation = Rule::new("self == oldSelf").message("spec.lockId is immutable"),
+        validation = Rule::new("self != '.' && self != '..'").message("spec.lockId may not be '.' or '..'")
+    )]
     pub lock_id: String,
 
     /// Namespace (default): the lock key is "<namespace>/<lockId>". Cluster:
@@ -77,7 +78,7 @@ pub struct DistributedLockSpec {
     /// Lease length, 1s..24h (default 30s). The lease is renewed every ttl/4
     /// while the lock is held; a holder that vanishes loses it after ttl.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"))]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
     #[x_kube(validation = Rule::new("duration(self) >= duration('1s') && duration(self) <= duration('24h')").message("spec.ttl must be between 1s and 24h"))]
     pub ttl: Option<String>,
 
@@ -92,12 +93,16 @@ pub struct DistributedLockSpec {
     pub holder: Option<String>,
 
     /// Higher priority is granted first; equal priority: the oldest request first.
+    /// A 32-bit integer (-2147483648..2147483647).
     #[serde(default)]
+    #[schemars(range(min = i32::MIN, max = i32::MAX))]
     pub priority: i32,
 
-    /// Give up waiting after this long (e.g. 10m): phase Failed, reason Timeout. Unset: wait forever.
+    /// Give up waiting after this long (0s..8760h, e.g. 10m), counted from the
+    /// request's creation: phase Failed, reason Timeout. Unset: wait forever.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"))]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    #[x_kube(validation = Rule::new("duration(self) <= duration('8760h')").message("spec.acquireTimeout must be at most 8760h"))]
     pub acquire_timeout: Option<String>,
 
     /// A Job or Pod in this namespace whose life bounds the lock: when the Job
@@ -127,7 +132,7 @@ pub struct HolderRef {
 }
 
 /// Kinds a holderRef may point at.
-#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, schemars::JsonSchema)]
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Hash, schemars::JsonSchema)]
 pub enum HolderKind {
     Job,
     Pod,
@@ -187,6 +192,15 @@ pub struct DistributedLockStatus {
     /// When the lease was last renewed (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub renewed_at: Option<String>,
+    /// Place in line, recorded by the controller when it first saw the
+    /// request (RFC 3339): the creation time of the request, or of the Job
+    /// that a suspend-gated request was made for. Only the controller writes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queued_at: Option<String>,
+    /// Tie-break within the same `queuedAt` second: the resourceVersion the
+    /// request (or its gated Job) had when the controller first saw it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_sequence: Option<i64>,
     /// While Pending: place in this cluster's queue for the lock, 1 = next.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub waiting_position: Option<i32>,
@@ -220,6 +234,21 @@ impl DistributedLockSpec {
         match &self.ttl {
             Some(text) => parse_duration(text),
             None => Ok(DEFAULT_TTL),
+        }
+    }
+
+    /// A spec for an object the controller could not decode: never acted on,
+    /// only used to drop the object from the cache.
+    pub fn placeholder() -> Self {
+        Self {
+            lock_id: String::new(),
+            scope: LockScope::Namespace,
+            ttl: None,
+            metadata: None,
+            holder: None,
+            priority: 0,
+            acquire_timeout: None,
+            holder_ref: None,
         }
     }
 

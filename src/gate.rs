@@ -2,6 +2,8 @@
 //! `lockmanager.dev/lock: LOCK_ID` gets a DistributedLock owned by it; the Job
 //! is un-suspended (with its fencing token annotated) once the lock is granted.
 //! The lock is released when the Job finishes, through the request's holderRef.
+//! Jobs that another controller manages (Kueue, `spec.managedBy`) are never
+//! touched: their `spec.suspend` is not ours.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -11,19 +13,22 @@ use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event as KubeEvent, EventType};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 
-use crate::controller::{Context, Error};
-use crate::crd::{DistributedLock, DistributedLockSpec, FIELD_MANAGER, HolderKind, HolderRef, LockScope, Phase};
-use crate::queue::{QUEUE_SEQUENCE_ANNOTATION, REQUESTED_AT_ANNOTATION};
+use crate::controller::holder::job_finished;
+use crate::controller::{Context, Error, events};
+use crate::crd::{DistributedLock, DistributedLockSpec, HolderKind, HolderRef, LockScope, Phase};
 
 pub const LOCK_ANNOTATION: &str = "lockmanager.dev/lock";
 pub const TTL_ANNOTATION: &str = "lockmanager.dev/ttl";
 pub const SCOPE_ANNOTATION: &str = "lockmanager.dev/scope";
 pub const PRIORITY_ANNOTATION: &str = "lockmanager.dev/priority";
 pub const FENCING_ANNOTATION: &str = "lockmanager.dev/fencing-token";
+/// Kueue's label: a Job carrying it is admitted (un-suspended) by Kueue.
+pub const KUEUE_QUEUE_LABEL: &str = "kueue.x-k8s.io/queue-name";
+/// `spec.managedBy` of Jobs the built-in Job controller manages.
+pub const JOB_CONTROLLER: &str = "kubernetes.io/job-controller";
 
 /// What a gated Job needs next (a pure decision).
 #[derive(Debug, PartialEq)]
@@ -32,30 +37,36 @@ pub enum GateStep {
     Nothing,
     /// Annotated but not created suspended: tell the user why it is not gated.
     WarnNotSuspended,
+    /// Annotated, but another controller owns its `spec.suspend`: say so, touch nothing.
+    WarnManagedElsewhere(String),
     /// Create the request.
     CreateRequest,
     /// The request is granted: annotate the fencing token and un-suspend.
     Start { fencing_token: i64 },
 }
 
-fn is_finished(job: &Job) -> bool {
-    job.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|cs| {
-            cs.iter()
-                .any(|c| (c.type_ == "Complete" || c.type_ == "Failed") && c.status == "True")
-        })
-}
-
 fn is_suspended(job: &Job) -> bool {
     job.spec.as_ref().and_then(|s| s.suspend).unwrap_or(false)
 }
 
+/// Who else manages this Job's `spec.suspend`, if anyone.
+pub fn managed_elsewhere(job: &Job) -> Option<String> {
+    if let Some(queue) = job.labels().get(KUEUE_QUEUE_LABEL) {
+        return Some(format!("Kueue manages it (label {KUEUE_QUEUE_LABEL}={queue})"));
+    }
+    match job.spec.as_ref().and_then(|s| s.managed_by.as_deref()) {
+        Some(manager) if manager != JOB_CONTROLLER => Some(format!("spec.managedBy is {manager:?}")),
+        _ => None,
+    }
+}
+
 /// Decides the next step for a Job from the Job and its request (if any).
 pub fn next_step(job: &Job, request: Option<&DistributedLock>) -> GateStep {
-    if !job.annotations().contains_key(LOCK_ANNOTATION) || is_finished(job) {
+    if !job.annotations().contains_key(LOCK_ANNOTATION) || job_finished(job).is_some() {
         return GateStep::Nothing;
+    }
+    if let Some(manager) = managed_elsewhere(job) {
+        return GateStep::WarnManagedElsewhere(manager);
     }
     match request {
         None if is_suspended(job) => GateStep::CreateRequest,
@@ -71,8 +82,19 @@ pub fn next_step(job: &Job, request: Option<&DistributedLock>) -> GateStep {
     }
 }
 
+/// The names a Job's request may have: the Job's own, or — when a request of
+/// that name that is not this Job's already exists — one made unique with
+/// the Job's UID (deterministic, so a retry finds what it created).
+pub fn request_names(job: &Job) -> [String; 2] {
+    let name = job.name_any();
+    let uid = job.uid().unwrap_or_default();
+    let suffix: String = uid.chars().filter(|c| c.is_ascii_alphanumeric()).take(8).collect();
+    let stem: String = name.chars().take(253 - 1 - suffix.len()).collect();
+    [name, format!("{}-{suffix}", stem.trim_end_matches(['-', '.']))]
+}
+
 /// The request for a gated Job, from its annotations. Errors name the annotation.
-pub fn request_for(job: &Job) -> Result<DistributedLock, String> {
+pub fn request_for(job: &Job, name: &str) -> Result<DistributedLock, String> {
     let annotations = job.annotations();
     let lock_id = annotations.get(LOCK_ANNOTATION).cloned().unwrap_or_default();
     let scope = match annotations.get(SCOPE_ANNOTATION).map(String::as_str) {
@@ -88,10 +110,10 @@ pub fn request_for(job: &Job) -> Result<DistributedLock, String> {
         None => 0,
         Some(p) => p
             .parse()
-            .map_err(|_| format!("annotation {PRIORITY_ANNOTATION}: {p:?} is not an integer"))?,
+            .map_err(|_| format!("annotation {PRIORITY_ANNOTATION}: {p:?} is not a 32-bit integer"))?,
     };
     let mut request = DistributedLock::new(
-        &job.name_any(),
+        name,
         DistributedLockSpec {
             lock_id,
             scope,
@@ -107,17 +129,9 @@ pub fn request_for(job: &Job) -> Result<DistributedLock, String> {
         },
     );
     request.metadata.namespace = job.namespace();
-    // Queue in the order the Jobs were created, not the order we got to them.
-    let mut queue_annotations = BTreeMap::new();
-    if let Some(created) = &job.metadata.creation_timestamp {
-        queue_annotations.insert(REQUESTED_AT_ANNOTATION.to_string(), created.0.to_string());
-    }
-    if let Some(rv) = job.resource_version() {
-        queue_annotations.insert(QUEUE_SEQUENCE_ANNOTATION.to_string(), rv);
-    }
-    request.metadata.annotations = Some(queue_annotations).filter(|a| !a.is_empty());
     // Labels travel along, so label-selected operators see the request too.
     request.metadata.labels = Some(job.labels().clone()).filter(|l: &BTreeMap<_, _>| !l.is_empty());
+    // The controller queues it by the Job's creation (see Context::arrival).
     request.metadata.owner_references = Some(vec![OwnerReference {
         api_version: "batch/v1".into(),
         kind: "Job".into(),
@@ -129,121 +143,146 @@ pub fn request_for(job: &Job) -> Result<DistributedLock, String> {
     Ok(request)
 }
 
+fn owned_by(request: &DistributedLock, job: &Job) -> bool {
+    request
+        .owner_references()
+        .iter()
+        .any(|o| o.controller == Some(true) && Some(&o.uid) == job.uid().as_ref())
+}
+
+/// This Job's request, under either of its names.
+async fn find_request(api: &Api<DistributedLock>, job: &Job) -> Result<Option<DistributedLock>, Error> {
+    for name in request_names(job) {
+        if let Some(request) = api.get_opt(&name).await.map_err(Error::Kube)?
+            && owned_by(&request, job)
+        {
+            return Ok(Some(request));
+        }
+    }
+    Ok(None)
+}
+
 /// Reconciles one Job carrying the lock annotation.
 pub async fn reconcile_job(job: Arc<Job>, ctx: Arc<Context>) -> Result<Action, Error> {
+    if !job.annotations().contains_key(LOCK_ANNOTATION) {
+        return Ok(Action::await_change());
+    }
     let namespace = job.namespace().unwrap_or_default();
     let requests: Api<DistributedLock> = Api::namespaced(ctx.client.clone(), &namespace);
-    let request = requests.get_opt(&job.name_any()).await.map_err(Error::Kube)?;
-    // A request of another Job with the same name (an older one) is not ours.
-    let request = request.filter(|r| r.owner_references().iter().any(|o| Some(&o.uid) == job.uid().as_ref()));
+    let request = find_request(&requests, &job).await?;
     match next_step(&job, request.as_ref()) {
         GateStep::Nothing => {}
         GateStep::WarnNotSuspended => {
-            warn_job(
-                &ctx,
-                &job,
-                "NotGated",
-                format!(
-                    "annotation {LOCK_ANNOTATION} is set but the Job was not created with spec.suspend: true, so it runs without the lock"
-                ),
-            )
-            .await;
+            let note = format!(
+                "annotation {LOCK_ANNOTATION} is set but the Job was not created with spec.suspend: true, so it runs without the lock"
+            );
+            events::warning(&ctx.recorder, &job.object_ref(&()), "NotGated", note).await;
         }
-        GateStep::CreateRequest => match request_for(&job) {
-            Ok(new) => match requests.create(&PostParams::default(), &new).await {
-                Ok(_) => {}
-                Err(kube::Error::Api(s)) if s.code == 409 => {}
-                Err(kube::Error::Api(s)) if s.code == 422 || s.code == 400 => {
-                    warn_job(&ctx, &job, "InvalidLockRequest", s.message.clone()).await;
-                }
-                Err(e) => return Err(Error::Kube(e)),
-            },
-            Err(message) => warn_job(&ctx, &job, "InvalidLockRequest", message).await,
-        },
-        GateStep::Start { fencing_token } => {
-            let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &namespace);
-            // One write: the fencing token is on the Job (and on its Pod
-            // template, for the downward API) before it runs. The template of
-            // a Job that has run before cannot change; then only the Job gets it.
-            let token = fencing_token.to_string();
-            let patch = |template: bool| {
-                let mut patch = json!({
-                    "metadata": {
-                        "annotations": {FENCING_ANNOTATION: token},
-                        "resourceVersion": job.resource_version(),
-                    },
-                    "spec": {"suspend": false}
-                });
-                if template {
-                    patch["spec"]["template"] = json!({"metadata": {"annotations": {FENCING_ANNOTATION: token}}});
-                }
-                patch
-            };
-            let params = PatchParams::apply(FIELD_MANAGER);
-            match jobs.patch(&job.name_any(), &params, &Patch::Merge(&patch(true))).await {
-                Ok(_) => {}
-                Err(kube::Error::Api(s)) if s.code == 422 => {
-                    jobs.patch(&job.name_any(), &params, &Patch::Merge(&patch(false)))
-                        .await
-                        .map_err(Error::Kube)?;
-                }
-                Err(e) => return Err(Error::Kube(e)),
-            }
-            publish_job(
-                &ctx,
-                &job,
-                EventType::Normal,
-                "Started",
-                format!("lock granted (fencing token {fencing_token}); Job un-suspended"),
-            )
-            .await;
+        GateStep::WarnManagedElsewhere(manager) => {
+            let note = format!(
+                "not gating this Job: {manager}, so its spec.suspend is not ours to change; use the init-container form (lockctl wait) instead"
+            );
+            events::warning(&ctx.recorder, &job.object_ref(&()), "NotGated", note).await;
+            return Ok(Action::await_change());
         }
+        GateStep::CreateRequest => create_request(&ctx, &requests, &job).await?,
+        GateStep::Start { fencing_token } => start(&ctx, &job, fencing_token).await?,
     }
     Ok(Action::requeue(Duration::from_secs(300)))
 }
 
+/// Creates the Job's request under its first free name; a name taken by a
+/// request that is not this Job's gets a Warning naming the clash.
+async fn create_request(ctx: &Context, requests: &Api<DistributedLock>, job: &Job) -> Result<(), Error> {
+    let [own, unique] = request_names(job);
+    for name in [&own, &unique] {
+        let new = match request_for(job, name) {
+            Ok(new) => new,
+            Err(message) => {
+                events::warning(&ctx.recorder, &job.object_ref(&()), "InvalidLockRequest", message).await;
+                return Ok(());
+            }
+        };
+        match requests.create(&PostParams::default(), &new).await {
+            Ok(_) => return Ok(()),
+            Err(kube::Error::Api(s)) if s.code == 409 && name == &own => {
+                let note = format!(
+                    "a DistributedLock named {own:?} already exists and is not this Job's; requesting the lock as {unique:?} instead"
+                );
+                events::warning(&ctx.recorder, &job.object_ref(&()), "NameClash", note).await;
+            }
+            // created by an earlier attempt (find_request will see it next time)
+            Err(kube::Error::Api(s)) if s.code == 409 => return Ok(()),
+            Err(kube::Error::Api(s)) if s.code == 422 || s.code == 400 => {
+                events::warning(
+                    &ctx.recorder,
+                    &job.object_ref(&()),
+                    "InvalidLockRequest",
+                    s.message.clone(),
+                )
+                .await;
+                return Ok(());
+            }
+            Err(e) => return Err(Error::Kube(e)),
+        }
+    }
+    Ok(())
+}
+
+/// One compare-and-swap write: the fencing token is on the Job (and on its
+/// Pod template, for the downward API) before it runs, and it is un-suspended.
+async fn start(ctx: &Context, job: &Job, fencing_token: i64) -> Result<(), Error> {
+    let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &job.namespace().unwrap_or_default());
+    let token = fencing_token.to_string();
+    let patch = |template: bool| {
+        let mut patch = json!({
+            "metadata": {
+                "annotations": {FENCING_ANNOTATION: token},
+                "resourceVersion": job.resource_version(),
+            },
+            "spec": {"suspend": false}
+        });
+        if template {
+            patch["spec"]["template"] = json!({"metadata": {"annotations": {FENCING_ANNOTATION: token}}});
+        }
+        patch
+    };
+    let params = PatchParams::default();
+    match jobs.patch(&job.name_any(), &params, &Patch::Merge(&patch(true))).await {
+        Ok(_) => {}
+        // The template of a Job that has run before cannot change; then only the Job gets it.
+        Err(kube::Error::Api(s)) if s.code == 422 => {
+            jobs.patch(&job.name_any(), &params, &Patch::Merge(&patch(false)))
+                .await
+                .map_err(Error::Kube)?;
+        }
+        Err(e) => return Err(Error::Kube(e)),
+    }
+    let note = format!("lock granted (fencing token {fencing_token}); Job un-suspended");
+    events::normal(&ctx.recorder, &job.object_ref(&()), "Started", note).await;
+    Ok(())
+}
+
 pub fn job_error_policy(_job: Arc<Job>, error: &Error, ctx: Arc<Context>) -> Action {
+    let category = error.category();
     ctx.metrics
         .reconcile_errors
         .get_or_create(&crate::metrics::CategoryLabels {
-            category: error.category(),
+            category: category.as_str(),
         })
         .inc();
-    tracing::warn!(error = %error, "gated Job reconcile failed");
-    Action::requeue(Duration::from_secs(1))
-}
-
-async fn warn_job(ctx: &Context, job: &Job, reason: &str, note: String) {
-    publish_job(ctx, job, EventType::Warning, reason, note).await;
-}
-
-async fn publish_job(ctx: &Context, job: &Job, type_: EventType, reason: &str, note: String) {
-    let event = KubeEvent {
-        type_,
-        reason: reason.into(),
-        note: Some(note),
-        action: "Gate".into(),
-        secondary: None,
-    };
-    if let Err(e) = ctx.recorder.publish(&event, &job.object_ref(&())).await {
-        tracing::debug!(error = %e, "could not publish event");
-    }
+    tracing::warn!(error = %error, category = category.as_str(), "gated Job reconcile failed");
+    Action::requeue(category.backoff())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::crd::DistributedLockStatus;
+    use crate::fixtures;
 
     fn job(annotations: &[(&str, &str)], suspend: bool) -> Job {
-        serde_json::from_value(json!({
-            "metadata": {
-                "name": "backup", "namespace": "ns", "uid": "job-uid",
-                "annotations": annotations.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<BTreeMap<_, _>>()
-            },
-            "spec": {"suspend": suspend, "template": {"spec": {"containers": []}}}
-        }))
-        .unwrap()
+        fixtures::job("backup", annotations, &[], suspend)
     }
 
     #[test]
@@ -260,9 +299,20 @@ mod tests {
     }
 
     #[test]
+    fn jobs_another_controller_manages_are_never_gated() {
+        let kueue = fixtures::job("q", &[(LOCK_ANNOTATION, "b")], &[(KUEUE_QUEUE_LABEL, "main")], true);
+        assert!(matches!(next_step(&kueue, None), GateStep::WarnManagedElsewhere(m) if m.contains("Kueue")));
+        let mut managed = job(&[(LOCK_ANNOTATION, "b")], true);
+        managed.spec.as_mut().unwrap().managed_by = Some("example.com/mine".into());
+        assert!(matches!(next_step(&managed, None), GateStep::WarnManagedElsewhere(m) if m.contains("managedBy")));
+        managed.spec.as_mut().unwrap().managed_by = Some(JOB_CONTROLLER.into());
+        assert_eq!(next_step(&managed, None), GateStep::CreateRequest);
+    }
+
+    #[test]
     fn a_granted_request_starts_the_job_once() {
         let j = job(&[(LOCK_ANNOTATION, "b")], true);
-        let mut request = request_for(&j).unwrap();
+        let mut request = request_for(&j, "backup").unwrap();
         assert_eq!(
             next_step(&j, Some(&request)),
             GateStep::Nothing,
@@ -279,7 +329,7 @@ mod tests {
     }
 
     #[test]
-    fn annotations_shape_the_request() {
+    fn annotations_shape_the_request_but_not_its_place_in_line() {
         let j = job(
             &[
                 (LOCK_ANNOTATION, "backup"),
@@ -289,13 +339,27 @@ mod tests {
             ],
             true,
         );
-        let request = request_for(&j).unwrap();
+        let request = request_for(&j, "backup").unwrap();
         assert_eq!(request.spec.lock_id, "backup");
         assert_eq!(request.spec.scope, LockScope::Cluster);
         assert_eq!(request.spec.priority, 5);
         assert_eq!(request.spec.ttl.as_deref(), Some("1m"));
-        assert_eq!(request.owner_references()[0].uid, "job-uid");
-        let bad = job(&[(LOCK_ANNOTATION, "b"), (PRIORITY_ANNOTATION, "high")], true);
-        assert!(request_for(&bad).unwrap_err().contains(PRIORITY_ANNOTATION));
+        assert_eq!(request.owner_references()[0].uid, "backup-uid");
+        assert!(request.annotations().is_empty());
+        let bad = job(&[(LOCK_ANNOTATION, "b"), (PRIORITY_ANNOTATION, "3000000000")], true);
+        assert!(request_for(&bad, "b").unwrap_err().contains(PRIORITY_ANNOTATION));
+    }
+
+    #[test]
+    fn a_clashing_name_falls_back_to_a_unique_one() {
+        let long = "x".repeat(253);
+        let j = fixtures::job(&long, &[], &[], true);
+        let [own, unique] = request_names(&j);
+        assert_eq!(own, long);
+        assert!(
+            unique.len() <= 253 && unique.ends_with("-xxxxxxxx") || unique.contains('-'),
+            "{unique}"
+        );
+        assert_ne!(own, unique);
     }
 }

@@ -79,10 +79,6 @@ impl Elector {
         }
     }
 
-    pub fn config(&self) -> &ElectionConfig {
-        &self.config
-    }
-
     /// True while the last renewal is recent enough to act as leader.
     pub fn may_lead(&self, now: Instant) -> bool {
         self.last_renewal
@@ -129,8 +125,8 @@ impl Elector {
         }
         let transitions = spec.lease_transitions.unwrap_or(0) + if mine { 0 } else { 1 };
         let mut next = self.lease(Some(version), transitions, !mine);
-        if mine {
-            next.spec.as_mut().unwrap().acquire_time = spec.acquire_time.clone();
+        if mine && let Some(next_spec) = next.spec.as_mut() {
+            next_spec.acquire_time = spec.acquire_time.clone();
         }
         match self.api.replace(&self.config.name, &PostParams::default(), &next).await {
             Ok(written) => {
@@ -185,6 +181,71 @@ impl Elector {
         lease
     }
 }
+
+/// Waits (as a ready standby) until this replica holds the Lease, then runs
+/// `work` while renewing it. Losing the Lease, or failing to renew it within
+/// the renew deadline, stops `work` at once (an error: the process exits and
+/// its Deployment restarts it as a standby). `shutdown` ends the wait or the
+/// work (then the Lease is given up so a standby takes over at once).
+pub async fn lead_then_run(
+    client: kube::Client,
+    config: ElectionConfig,
+    work: impl std::future::Future<Output = ()>,
+    shutdown: impl std::future::Future<Output = ()>,
+    on_leading: impl FnOnce(),
+) -> Result<(), LeadershipLost> {
+    let mut elector = Elector::new(client, config.clone());
+    tokio::pin!(shutdown);
+    let mut last_holder = None;
+    loop {
+        match elector.try_acquire_or_renew().await {
+            Ok(Attempt::Leading) => break,
+            Ok(Attempt::Following { holder }) => {
+                if last_holder.as_ref() != Some(&holder) {
+                    tracing::info!(%holder, identity = %config.identity, "standing by: another replica leads");
+                    last_holder = Some(holder);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "leader election failed; retrying"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(config.retry_period) => {}
+            _ = &mut shutdown => return Ok(()),
+        }
+    }
+    tracing::info!(identity = %config.identity, lease = %config.name, "became the leader");
+    on_leading();
+    let keep_leading = async {
+        loop {
+            tokio::time::sleep(config.retry_period).await;
+            if !elector.may_lead(Instant::now()) {
+                return;
+            }
+            // Never wait on the API server past the renew deadline.
+            let budget = config.renew_deadline.saturating_sub(config.retry_period);
+            match tokio::time::timeout(budget, elector.try_acquire_or_renew()).await {
+                Ok(Ok(Attempt::Leading)) => {}
+                Ok(Ok(Attempt::Following { .. })) => return,
+                Ok(Err(e)) => tracing::warn!(error = %e, "could not renew the leader lease"),
+                Err(_) => tracing::warn!("renewing the leader lease timed out"),
+            }
+        }
+    };
+    let lost = tokio::select! {
+        _ = work => false,
+        _ = keep_leading => true,
+    };
+    if lost {
+        return Err(LeadershipLost(config.name.clone()));
+    }
+    elector.release().await;
+    Ok(())
+}
+
+/// The leader could not keep its Lease and stopped working.
+#[derive(Debug, thiserror::Error)]
+#[error("lost the leader lease {0}; stopping so that another replica leads")]
+pub struct LeadershipLost(pub String);
 
 #[cfg(test)]
 mod tests {

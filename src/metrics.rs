@@ -1,16 +1,8 @@
-//! Prometheus metrics (bounded labels only) and the HTTP endpoints
-//! `/metrics`, `/healthz` and `/readyz`.
+//! Prometheus metrics, with bounded labels only (operation, category): never
+//! object names or error text.
 
-use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use axum::Router;
-use axum::extract::State;
-use axum::http::{StatusCode, header};
-use axum::response::IntoResponse;
-use axum::routing::get;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -51,6 +43,7 @@ pub struct Metrics {
     pub engine_request_seconds: Family<OperationLabels, Histogram>,
     pub engine_errors: Family<ErrorLabels, Counter>,
     pub reconcile_errors: Family<CategoryLabels, Counter>,
+    pub undecodable_objects: Counter,
     pub leader: Gauge,
 }
 
@@ -74,6 +67,7 @@ impl Default for Metrics {
         let engine_errors = Family::<ErrorLabels, Counter>::default();
         let reconcile_errors = Family::<CategoryLabels, Counter>::default();
         let leader = Gauge::default();
+        let undecodable_objects = Counter::default();
         registry.register("grants", "Locks granted", grants.clone());
         registry.register("releases", "Locks released by the controller", releases.clone());
         registry.register("expiries", "Leases that ran out before renewal", expiries.clone());
@@ -112,6 +106,11 @@ impl Default for Metrics {
             engine_errors.clone(),
         );
         registry.register(
+            "undecodable_objects",
+            "Objects the controller could not decode and skipped",
+            undecodable_objects.clone(),
+        );
+        registry.register(
             "reconcile_errors",
             "Reconcile errors by category",
             reconcile_errors.clone(),
@@ -133,6 +132,7 @@ impl Default for Metrics {
             engine_request_seconds,
             engine_errors,
             reconcile_errors,
+            undecodable_objects,
             leader,
         }
     }
@@ -176,61 +176,5 @@ pub trait EngineErrorCategory {
 impl EngineErrorCategory for crate::lock::LockError {
     fn category(&self) -> &'static str {
         crate::lock::LockError::category(self)
-    }
-}
-
-/// What `/readyz` reports.
-#[derive(Default)]
-pub struct Readiness {
-    /// The watchers have listed every object once.
-    pub synced: AtomicBool,
-    /// The last lock index request succeeded.
-    pub engine_reachable: AtomicBool,
-}
-
-impl Readiness {
-    pub fn is_ready(&self) -> bool {
-        self.synced.load(Ordering::Relaxed) && self.engine_reachable.load(Ordering::Relaxed)
-    }
-}
-
-#[derive(Clone)]
-struct HttpState {
-    metrics: Arc<Metrics>,
-    readiness: Arc<Readiness>,
-}
-
-/// Serves `/metrics`, `/healthz` and `/readyz` until the process ends.
-pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>, readiness: Arc<Readiness>) -> std::io::Result<()> {
-    let app = Router::new()
-        .route("/metrics", get(metrics_handler))
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(ready_handler))
-        .with_state(HttpState { metrics, readiness });
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    axum::serve(listener, app).await
-}
-
-async fn metrics_handler(State(state): State<HttpState>) -> impl IntoResponse {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        state.metrics.encode(),
-    )
-}
-
-async fn ready_handler(State(state): State<HttpState>) -> impl IntoResponse {
-    let r = &state.readiness;
-    if r.is_ready() {
-        (StatusCode::OK, "ok".to_string())
-    } else {
-        let synced = r.synced.load(Ordering::Relaxed);
-        let engine = r.engine_reachable.load(Ordering::Relaxed);
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("not ready: watchers synced={synced}, lock index reachable={engine}"),
-        )
     }
 }

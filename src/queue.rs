@@ -10,13 +10,6 @@ use kube::ResourceExt;
 
 use crate::crd::{DistributedLock, Phase};
 
-/// The place in line: the resourceVersion a request had when first seen
-/// (recorded by the controller with its finalizer). Requests made for
-/// suspend-gated Jobs carry the Job's instead, and the Job's creation time,
-/// so they queue in the order the Jobs were created.
-pub const REQUESTED_AT_ANNOTATION: &str = "lockmanager.dev/requested-at";
-pub const QUEUE_SEQUENCE_ANNOTATION: &str = "lockmanager.dev/queue-sequence";
-
 /// The request's phase (no status yet = Pending).
 pub fn phase(lock: &DistributedLock) -> Phase {
     lock.status.as_ref().and_then(|s| s.phase).unwrap_or_default()
@@ -31,60 +24,86 @@ fn is_deleting(lock: &DistributedLock) -> bool {
     lock.metadata.deletion_timestamp.is_some()
 }
 
-/// Order among waiters: higher priority first, then older first. Creation
-/// timestamps have one-second resolution, so within a second the order in
-/// which the API server stored the requests ([`arrival`]) decides.
-pub fn queue_order(lock: &DistributedLock, first_seen: &dyn Fn(&DistributedLock) -> Option<u64>) -> QueueOrder {
-    (
-        Reverse(lock.spec.priority),
-        creation_time(lock),
-        arrival(lock, first_seen),
-        lock.name_any(),
-    )
+/// A request's place in line: when it arrived (server-set creation time, or
+/// the gated Job's) and, within that second, the resourceVersion it had when
+/// first seen. Once the controller has recorded it in the status it never
+/// changes; nothing a requester can edit (spec, annotations, labels) moves it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Arrival {
+    pub at: Option<DateTime<Utc>>,
+    pub sequence: u64,
 }
 
-/// Sort key of a waiter: priority (high first), creation time, arrival, name.
-pub type QueueOrder = (Reverse<i32>, Option<DateTime<Utc>>, u64, String);
+impl Arrival {
+    /// The arrival recorded in the status, if the controller wrote one.
+    pub fn recorded(lock: &DistributedLock) -> Option<Arrival> {
+        let status = lock.status.as_ref()?;
+        let at = status.queued_at.as_deref().and_then(parse_time)?;
+        let sequence = status.queue_sequence.and_then(|s| u64::try_from(s).ok())?;
+        Some(Arrival { at: Some(at), sequence })
+    }
 
-/// The resourceVersion the request had when the controller first saw it:
-/// the `lockmanager.dev/queue-sequence` annotation once recorded (with the
-/// finalizer), else what the watcher first delivered, else its current one.
-pub fn arrival(lock: &DistributedLock, first_seen: &dyn Fn(&DistributedLock) -> Option<u64>) -> u64 {
-    lock.annotations()
-        .get(QUEUE_SEQUENCE_ANNOTATION)
-        .and_then(|s| s.parse().ok())
-        .or_else(|| first_seen(lock))
-        .or_else(|| lock.resource_version().and_then(|rv| rv.parse().ok()))
-        .unwrap_or(u64::MAX)
+    /// The arrival of a request not recorded yet: its creation time and the
+    /// resourceVersion the watcher first delivered (else its current one).
+    pub fn observed(lock: &DistributedLock, first_seen: Option<u64>) -> Arrival {
+        Arrival {
+            at: creation_time(lock),
+            sequence: first_seen
+                .or_else(|| lock.resource_version().and_then(|rv| rv.parse().ok()))
+                .unwrap_or(u64::MAX),
+        }
+    }
+}
+
+/// How the queue learns arrivals not recorded in a status yet.
+pub trait Sightings {
+    /// The resourceVersion a request had when the controller first saw it.
+    fn first_seen(&self, lock: &DistributedLock) -> Option<u64>;
 }
 
 /// No record of first sightings: the current resourceVersion stands in.
-pub fn unseen(_: &DistributedLock) -> Option<u64> {
-    None
+#[cfg(test)]
+pub struct Unseen;
+
+#[cfg(test)]
+impl Sightings for Unseen {
+    fn first_seen(&self, _: &DistributedLock) -> Option<u64> {
+        None
+    }
 }
 
+/// The arrival that orders `lock`: recorded, else observed.
+pub fn arrival(lock: &DistributedLock, seen: &dyn Sightings) -> Arrival {
+    Arrival::recorded(lock).unwrap_or_else(|| Arrival::observed(lock, seen.first_seen(lock)))
+}
+
+/// Order among waiters: higher priority first, then earlier arrival, then name.
+pub type QueueOrder = (Reverse<i32>, Arrival, String);
+
+pub fn queue_order(lock: &DistributedLock, seen: &dyn Sightings) -> QueueOrder {
+    (Reverse(lock.spec.priority), arrival(lock, seen), lock.name_any())
+}
+
+/// The server-set creation time (the deadline of acquireTimeout counts from it).
 pub fn creation_time(lock: &DistributedLock) -> Option<DateTime<Utc>> {
-    if let Some(at) = lock.annotations().get(REQUESTED_AT_ANNOTATION) {
-        return DateTime::parse_from_rfc3339(at).ok().map(|t| t.with_timezone(&Utc));
-    }
     lock.metadata
         .creation_timestamp
         .as_ref()
         .and_then(|t| DateTime::from_timestamp_millis(t.0.as_millisecond()))
 }
 
+pub fn parse_time(text: &str) -> Option<DateTime<Utc>> {
+    DateTime::parse_from_rfc3339(text).ok().map(|t| t.with_timezone(&Utc))
+}
+
 /// The waiters for `key` in grant order: Pending, not being deleted.
-pub fn waiters(
-    all: &[Arc<DistributedLock>],
-    key: &str,
-    first_seen: &dyn Fn(&DistributedLock) -> Option<u64>,
-) -> Vec<Arc<DistributedLock>> {
+pub fn waiters(all: &[Arc<DistributedLock>], key: &str, seen: &dyn Sightings) -> Vec<Arc<DistributedLock>> {
     let mut queue: Vec<_> = all
         .iter()
         .filter(|l| phase(l) == Phase::Pending && !is_deleting(l) && lock_key(l) == key)
         .cloned()
         .collect();
-    queue.sort_by_cached_key(|l| queue_order(l, first_seen));
+    queue.sort_by_cached_key(|l| queue_order(l, seen));
     queue
 }
 
@@ -116,10 +135,10 @@ pub fn position(queue: &[Arc<DistributedLock>], lock: &DistributedLock) -> usize
 pub fn needing_attention(
     all: &[Arc<DistributedLock>],
     key: &str,
-    first_seen: &dyn Fn(&DistributedLock) -> Option<u64>,
+    seen: &dyn Sightings,
     released: &dyn Fn(&DistributedLock) -> bool,
 ) -> Vec<Arc<DistributedLock>> {
-    let queue = waiters(all, key, first_seen);
+    let queue = waiters(all, key, seen);
     let free = holder(all, key, released).is_none();
     queue
         .iter()
@@ -135,38 +154,8 @@ pub fn needing_attention(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::{DistributedLockSpec, DistributedLockStatus, LockScope};
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-
-    fn request(name: &str, ns: &str, lock_id: &str, priority: i32, created_s: i64, rv: u64) -> DistributedLock {
-        let mut lock = DistributedLock::new(
-            name,
-            DistributedLockSpec {
-                lock_id: lock_id.into(),
-                scope: LockScope::Namespace,
-                ttl: None,
-                metadata: None,
-                holder: None,
-                priority,
-                acquire_timeout: None,
-                holder_ref: None,
-            },
-        );
-        lock.metadata.namespace = Some(ns.into());
-        lock.metadata.uid = Some(format!("uid-{name}"));
-        lock.metadata.resource_version = Some(rv.to_string());
-        lock.metadata.creation_timestamp = Some(Time(k8s_openapi::jiff::Timestamp::from_second(created_s).unwrap()));
-        lock
-    }
-
-    fn with_phase(mut lock: DistributedLock, phase: Phase, position: Option<i32>) -> DistributedLock {
-        lock.status = Some(DistributedLockStatus {
-            phase: Some(phase),
-            waiting_position: position,
-            ..Default::default()
-        });
-        lock
-    }
+    use crate::crd::LockScope;
+    use crate::fixtures::{request, with_phase};
 
     fn names(v: &[Arc<DistributedLock>]) -> Vec<String> {
         v.iter().map(|l| l.name_any()).collect()
@@ -186,7 +175,7 @@ mod tests {
         .map(Arc::new)
         .collect();
         assert_eq!(
-            names(&waiters(&all, "ns/a", &unseen)),
+            names(&waiters(&all, "ns/a", &Unseen)),
             ["new-high", "old-low", "same-second-earlier", "same-second-later"]
         );
     }
@@ -204,7 +193,7 @@ mod tests {
         .into_iter()
         .map(Arc::new)
         .collect();
-        assert_eq!(names(&waiters(&all, "ns/a", &unseen)), ["waiting"]);
+        assert_eq!(names(&waiters(&all, "ns/a", &Unseen)), ["waiting"]);
         assert!(holder(&all, "ns/a", &|_| false).is_none());
     }
 
@@ -218,15 +207,15 @@ mod tests {
             .map(Arc::new)
             .collect();
         // "second" records a stale position
-        assert_eq!(names(&needing_attention(&all, "ns/a", &unseen, &|_| false)), ["second"]);
+        assert_eq!(names(&needing_attention(&all, "ns/a", &Unseen, &|_| false)), ["second"]);
         let mut released = holder_lock;
         released.status.as_mut().unwrap().phase = Some(Phase::Released);
         let all: Vec<_> = [released, first, second].into_iter().map(Arc::new).collect();
         assert_eq!(
-            names(&needing_attention(&all, "ns/a", &unseen, &|_| false)),
+            names(&needing_attention(&all, "ns/a", &Unseen, &|_| false)),
             ["first", "second"]
         );
-        assert_eq!(position(&waiters(&all, "ns/a", &unseen), &all[2]), 2);
+        assert_eq!(position(&waiters(&all, "ns/a", &Unseen), &all[2]), 2);
     }
 
     #[test]
@@ -236,6 +225,6 @@ mod tests {
         let mut b = request("b", "ns2", "shared", 0, 2, 2);
         b.spec.scope = LockScope::Cluster;
         let all: Vec<_> = [a, b].into_iter().map(Arc::new).collect();
-        assert_eq!(names(&waiters(&all, "shared", &unseen)), ["a", "b"]);
+        assert_eq!(names(&waiters(&all, "shared", &Unseen)), ["a", "b"]);
     }
 }

@@ -28,7 +28,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the controller.
-    Operator(Box<crate::controller::OperatorArgs>),
+    Operator(Box<crate::operator::OperatorArgs>),
     /// Print the DistributedLock CustomResourceDefinition as YAML.
     Crd,
     /// Wait until a DistributedLock is Granted (init-container helper).
@@ -60,8 +60,10 @@ pub enum CliError {
     Signal(#[source] std::io::Error),
     #[error("cannot encode JSON: {0}")]
     Json(#[from] serde_json::Error),
+    #[error("cannot encode the CRD as YAML: {0}")]
+    Yaml(#[from] serde_yaml::Error),
     #[error(transparent)]
-    Operator(#[from] crate::controller::OperatorError),
+    Operator(#[from] crate::operator::OperatorError),
     #[error(transparent)]
     WaitFor(#[from] crate::wait::WaitError),
 }
@@ -98,13 +100,13 @@ impl Cli {
         let operator = matches!(self.command, Command::Operator(_));
         crate::telemetry::init(self.log_format, if operator { "info" } else { "warn" });
         let result = match self.command {
-            Command::Operator(args) => crate::controller::run(*args).await.map(|_| 0).map_err(CliError::from),
+            Command::Operator(args) => crate::operator::run(*args).await.map(|_| 0).map_err(CliError::from),
             Command::Crd => match crate::crd::crd_yaml() {
                 Ok(yaml) => {
                     print!("{yaml}");
                     Ok(0)
                 }
-                Err(e) => Err(CliError::Config(ConfigError::Build(e.to_string()))),
+                Err(e) => Err(CliError::Yaml(e)),
             },
             Command::Wait(args) => crate::wait::run(args).await.map_err(CliError::from),
             Command::Acquire(args) => locks::acquire(args).await,

@@ -1,0 +1,156 @@
+//! Errors of one reconcile, their bounded categories (metric labels, event
+//! reasons) and the one backoff table both controllers use.
+
+use std::time::Duration;
+
+use crate::lock::LockError;
+
+/// Errors of one reconcile (of a DistributedLock or of a gated Job).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[source] kube::Error),
+    #[error("lock index: {0}")]
+    Lock(#[source] LockError),
+    #[error("finalizer: {0}")]
+    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// What kind of failure an error is: a bounded label for metrics and the key
+/// of the backoff table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Category {
+    /// The Kubernetes API refused or failed a request.
+    Kube,
+    /// The finalizer helper failed outside apply/cleanup.
+    Finalizer,
+    /// The search engine could not be reached (after retries).
+    Unavailable,
+    /// The search engine answered with an error.
+    Engine,
+    /// The search engine answered something we cannot read.
+    Response,
+    /// The search engine refused our credentials.
+    Unauthorized,
+    /// The lock is held by another owner.
+    Held,
+    /// Fencing tokens could not be proven to grow (lock index deleted or restored).
+    Fencing,
+    /// Bad input: an id, a ttl, a request the controller cannot act on.
+    Invalid,
+    /// The engine settings are unusable.
+    Config,
+}
+
+impl Category {
+    /// Every category, for tests and dashboards.
+    pub const ALL: [Category; 10] = [
+        Category::Kube,
+        Category::Finalizer,
+        Category::Unavailable,
+        Category::Engine,
+        Category::Response,
+        Category::Unauthorized,
+        Category::Held,
+        Category::Fencing,
+        Category::Invalid,
+        Category::Config,
+    ];
+
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Category::Kube => "kube",
+            Category::Finalizer => "finalizer",
+            Category::Unavailable => "unavailable",
+            Category::Engine => "engine",
+            Category::Response => "response",
+            Category::Unauthorized => "unauthorized",
+            Category::Held => "held",
+            Category::Fencing => "fencing",
+            Category::Invalid => "invalid",
+            Category::Config => "config",
+        }
+    }
+
+    /// How long to wait before retrying a reconcile that failed this way.
+    pub fn backoff(self) -> Duration {
+        match self {
+            // conflicts and stale caches settle within moments
+            Category::Kube | Category::Finalizer => Duration::from_millis(500),
+            // the engine may come back any moment; its client already retried 3 times
+            Category::Unavailable | Category::Engine | Category::Response => Duration::from_secs(2),
+            Category::Held => Duration::from_secs(1),
+            // needs a person: look again now and then, and stay visible
+            Category::Unauthorized | Category::Fencing | Category::Config => Duration::from_secs(10),
+            Category::Invalid => Duration::from_secs(300),
+        }
+    }
+
+    /// The category of a lock engine error.
+    pub fn of_lock_error(error: &LockError) -> Category {
+        match error.category() {
+            "held" => Category::Held,
+            "invalid" => Category::Invalid,
+            "unavailable" => Category::Unavailable,
+            "unauthorized" => Category::Unauthorized,
+            "response" => Category::Response,
+            "config" => Category::Config,
+            "fencing" => Category::Fencing,
+            _ => Category::Engine,
+        }
+    }
+}
+
+impl Error {
+    /// The bounded category of this error.
+    pub fn category(&self) -> Category {
+        match self {
+            Error::Kube(_) => Category::Kube,
+            Error::Lock(e) => Category::of_lock_error(e),
+            Error::Finalizer(e) => match e.as_ref() {
+                kube::runtime::finalizer::Error::ApplyFailed(inner)
+                | kube::runtime::finalizer::Error::CleanupFailed(inner) => inner.category(),
+                _ => Category::Finalizer,
+            },
+            Error::Invalid(_) => Category::Invalid,
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_category_has_a_distinct_label_and_a_bounded_backoff() {
+        let labels: std::collections::HashSet<_> = Category::ALL.iter().map(|c| c.as_str()).collect();
+        assert_eq!(labels.len(), Category::ALL.len());
+        for c in Category::ALL {
+            assert!(c.backoff() >= Duration::from_millis(100) && c.backoff() <= Duration::from_secs(300));
+        }
+    }
+
+    #[test]
+    fn lock_errors_keep_their_category() {
+        let unavailable = LockError::Unavailable {
+            operation: "acquire",
+            attempts: 4,
+            message: "connection refused".into(),
+        };
+        assert_eq!(Category::of_lock_error(&unavailable), Category::Unavailable);
+        let denied = LockError::Engine {
+            operation: "acquire",
+            status: 403,
+            reason: "no".into(),
+        };
+        assert_eq!(Category::of_lock_error(&denied), Category::Unauthorized);
+        for error in [unavailable, denied] {
+            assert_eq!(Category::of_lock_error(&error).as_str(), error.category());
+        }
+    }
+}

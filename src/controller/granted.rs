@@ -1,0 +1,202 @@
+//! A Granted request: decide (release, renew, or not yet), then act.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use kube::runtime::controller::Action;
+
+use super::error::Result;
+use super::holder::{self, HolderState};
+use super::status::{self, parse_time, reason};
+use super::{Context, renew_period};
+use crate::crd::{DistributedLock, Phase};
+use crate::queue;
+
+/// What a Granted request needs next.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GrantedStep {
+    /// The holder is done or gone: release the lock, phase Released.
+    Release {
+        reason: &'static str,
+        message: &'static str,
+    },
+    /// The next renewal is due in this long.
+    NotDue(Duration),
+    /// Renew now, for this long.
+    Renew { ttl: Duration },
+}
+
+/// The lease to renew with and the period that keeps it alive. The lease in
+/// the index was written with the TTL of its last renewal (`expiresAt -
+/// renewedAt` in the status); a spec change takes effect at the next renewal,
+/// and until then renewals are scheduled from the shorter of both, so raising
+/// `spec.ttl` never lets the current lease run out before it is renewed.
+pub fn lease_plan(lock: &DistributedLock) -> (Duration, Duration) {
+    let status = lock.status.clone().unwrap_or_default();
+    let in_index = match (
+        status.renewed_at.as_deref().and_then(parse_time),
+        status.expires_at.as_deref().and_then(parse_time),
+    ) {
+        (Some(renewed), Some(expires)) => (expires - renewed).to_std().ok(),
+        _ => None,
+    };
+    let spec = lock.spec.ttl().ok();
+    let ttl = spec.or(in_index).unwrap_or(crate::lock::DEFAULT_TTL);
+    let shortest = match in_index {
+        Some(current) => current.min(ttl),
+        None => ttl,
+    };
+    (ttl, renew_period(shortest))
+}
+
+/// Decides the next step of a Granted request (pure).
+pub fn decide(lock: &DistributedLock, holder: HolderState, now: DateTime<Utc>) -> GrantedStep {
+    match holder {
+        HolderState::Finished(why) => {
+            return GrantedStep::Release {
+                reason: reason::HOLDER_FINISHED,
+                message: why,
+            };
+        }
+        HolderState::Missing => {
+            return GrantedStep::Release {
+                reason: reason::HOLDER_GONE,
+                message: "the holder no longer exists",
+            };
+        }
+        HolderState::Running | HolderState::Unbound => {}
+    }
+    let (ttl, period) = lease_plan(lock);
+    let renewed_at = lock
+        .status
+        .as_ref()
+        .and_then(|s| s.renewed_at.as_deref())
+        .and_then(parse_time);
+    let Some(renewed_at) = renewed_at else {
+        return GrantedStep::Renew { ttl };
+    };
+    let due = renewed_at + chrono::Duration::from_std(period).unwrap_or_default();
+    if now < due {
+        return GrantedStep::NotDue((due - now).to_std().unwrap_or_default());
+    }
+    GrantedStep::Renew { ttl }
+}
+
+/// Reconciles a Granted request.
+pub async fn reconcile(lock: Arc<DistributedLock>, ctx: &Context, key: &str) -> Result<Action> {
+    let holder = holder::fetch(&ctx.client, &lock).await?;
+    match decide(&lock, holder, Utc::now()) {
+        GrantedStep::Release { reason, message } => super::finish(&lock, ctx, Phase::Released, reason, message).await,
+        GrantedStep::NotDue(wait) => Ok(Action::requeue(wait)),
+        GrantedStep::Renew { ttl } => renew(lock, ctx, key, ttl).await,
+    }
+}
+
+async fn renew(lock: Arc<DistributedLock>, ctx: &Context, key: &str, ttl: Duration) -> Result<Action> {
+    let status = lock.status.clone().unwrap_or_default();
+    let token = status.token.clone().unwrap_or_default();
+    let fencing = status.fencing_token.and_then(|f| u64::try_from(f).ok());
+    let now = Utc::now();
+    let extended = ctx
+        .engine("extend", &lock, ctx.locks.extend(key, &token, ttl, fencing))
+        .await?;
+    if extended {
+        let expires = now + chrono::Duration::from_std(ttl).unwrap_or_default();
+        status::write(&ctx.client, &lock, status::renewed(&lock, now, expires)).await?;
+        return Ok(Action::requeue(renew_period(ttl)));
+    }
+    let expired = status
+        .expires_at
+        .as_deref()
+        .and_then(parse_time)
+        .is_some_and(|e| e <= now);
+    let (phase, reason, message) = if expired {
+        ctx.metrics.expiries.inc();
+        (
+            Phase::Expired,
+            reason::EXPIRED,
+            "the lease ran out before it could be renewed",
+        )
+    } else {
+        ctx.metrics.losses.inc();
+        (
+            Phase::Lost,
+            reason::LOST,
+            "the lock was taken or released by another owner",
+        )
+    };
+    let note = format!("lock {}: {message}", queue::lock_key(&lock));
+    super::events::warning(&ctx.recorder, &super::object_ref(&lock), reason, note).await;
+    super::finish(&lock, ctx, phase, reason, message).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fixtures::{at, granted, request};
+
+    fn holding(ttl: &str, renewed: i64, expires: i64) -> DistributedLock {
+        let mut lock = granted(request("h", "ns", "k", 0, 0, 1), at(renewed), at(expires));
+        lock.spec.ttl = Some(ttl.into());
+        lock
+    }
+
+    #[test]
+    fn renewal_is_due_a_quarter_of_the_ttl_after_the_last_one() {
+        let lock = holding("4s", 0, 4);
+        assert_eq!(
+            decide(&lock, HolderState::Unbound, at(0)),
+            GrantedStep::NotDue(Duration::from_secs(1))
+        );
+        assert_eq!(
+            decide(&lock, HolderState::Unbound, at(1)),
+            GrantedStep::Renew {
+                ttl: Duration::from_secs(4)
+            }
+        );
+    }
+
+    #[test]
+    fn raising_the_ttl_never_delays_the_next_renewal_past_the_current_lease() {
+        // granted with 4s, then spec.ttl patched to 1h: the lease in the index
+        // still runs out 4s after its renewal, so the next renewal stays at 1s
+        let lock = holding("1h", 0, 4);
+        assert_eq!(
+            decide(&lock, HolderState::Unbound, at(0)),
+            GrantedStep::NotDue(Duration::from_secs(1))
+        );
+        assert_eq!(
+            decide(&lock, HolderState::Unbound, at(1)),
+            GrantedStep::Renew {
+                ttl: Duration::from_secs(3600)
+            },
+            "the renewal extends with the new ttl"
+        );
+        // lowering it renews sooner
+        let lock = holding("2s", 0, 4);
+        assert_eq!(
+            decide(&lock, HolderState::Unbound, at(0)),
+            GrantedStep::NotDue(Duration::from_millis(500))
+        );
+    }
+
+    #[test]
+    fn a_finished_or_missing_holder_releases() {
+        let lock = holding("30s", 0, 30);
+        assert!(matches!(
+            decide(&lock, HolderState::Finished("Job completed"), at(1)),
+            GrantedStep::Release {
+                reason: "HolderFinished",
+                ..
+            }
+        ));
+        assert!(matches!(
+            decide(&lock, HolderState::Missing, at(1)),
+            GrantedStep::Release {
+                reason: "HolderGone",
+                ..
+            }
+        ));
+    }
+}

@@ -1,0 +1,106 @@
+//! The workload a request's holderRef names (a Job or a Pod), and whether it
+//! still needs the lock. Shared by the lock controller and the Job gate.
+
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::Api;
+use kube::{Resource, ResourceExt};
+
+use super::error::{Error, Result};
+use crate::crd::{DistributedLock, HolderKind};
+
+/// Whether the workload named by holderRef still needs the lock.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HolderState {
+    /// No holderRef: the request itself is the holder.
+    Unbound,
+    /// The Job or Pod exists and runs (or has not started yet).
+    Running,
+    /// It is done; the message says how.
+    Finished(&'static str),
+    /// It does not exist (never did yet, or was deleted).
+    Missing,
+}
+
+/// A finished Job: its Complete or Failed condition is True.
+pub fn job_finished(job: &Job) -> Option<&'static str> {
+    let conditions = job.status.as_ref()?.conditions.as_ref()?;
+    let done = |t: &str| conditions.iter().any(|c| c.type_ == t && c.status == "True");
+    if done("Complete") {
+        Some("Job completed")
+    } else if done("Failed") {
+        Some("Job failed")
+    } else {
+        None
+    }
+}
+
+/// A finished Pod: terminating, Succeeded or Failed.
+pub fn pod_finished(pod: &Pod) -> Option<&'static str> {
+    if pod.metadata.deletion_timestamp.is_some() {
+        return Some("Pod terminating");
+    }
+    match pod.status.as_ref()?.phase.as_deref() {
+        Some("Succeeded") => Some("Pod succeeded"),
+        Some("Failed") => Some("Pod failed"),
+        _ => None,
+    }
+}
+
+/// Reads the holder from the API server (not a cache: a stale "missing"
+/// right after the holder was created must not release a lock).
+pub async fn fetch(client: &kube::Client, lock: &DistributedLock) -> Result<HolderState> {
+    let Some(holder) = &lock.spec.holder_ref else {
+        return Ok(HolderState::Unbound);
+    };
+    let namespace = lock.namespace().unwrap_or_default();
+    let state = match holder.kind {
+        HolderKind::Job => Api::<Job>::namespaced(client.clone(), &namespace)
+            .get_opt(&holder.name)
+            .await
+            .map_err(Error::Kube)?
+            .map(|job| job_finished(&job)),
+        HolderKind::Pod => Api::<Pod>::namespaced(client.clone(), &namespace)
+            .get_opt(&holder.name)
+            .await
+            .map_err(Error::Kube)?
+            .map(|pod| pod_finished(&pod)),
+    };
+    Ok(match state {
+        None => HolderState::Missing,
+        Some(None) => HolderState::Running,
+        Some(Some(why)) => HolderState::Finished(why),
+    })
+}
+
+/// True when the request was made by the Job its holderRef names (suspend
+/// gating): that Job is its controlling owner.
+pub fn owned_by_holder(lock: &DistributedLock) -> bool {
+    let Some(holder) = &lock.spec.holder_ref else {
+        return false;
+    };
+    let kind = match holder.kind {
+        HolderKind::Job => Job::kind(&()),
+        HolderKind::Pod => Pod::kind(&()),
+    };
+    lock.owner_references()
+        .iter()
+        .any(|o| o.controller == Some(true) && o.kind == kind && o.name == holder.name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fixtures::job;
+    use serde_json::json;
+
+    #[test]
+    fn a_job_is_finished_by_its_complete_or_failed_condition() {
+        let mut j = job("j", &[], &[], false);
+        assert_eq!(job_finished(&j), None);
+        j.status = serde_json::from_value(json!({"conditions": [{"type": "Complete", "status": "False"}]})).unwrap();
+        assert_eq!(job_finished(&j), None);
+        j.status = serde_json::from_value(json!({"conditions": [{"type": "Failed", "status": "True"}]})).unwrap();
+        assert_eq!(job_finished(&j), Some("Job failed"));
+    }
+}

@@ -1,0 +1,218 @@
+//! What the controller knows about all requests beyond the reflector's cache:
+//! requests by lock key and by holder, when each request (and each gated Job)
+//! was first seen, and which grants it just released. Fed by the watch
+//! streams' hooks, read by reconciles.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use k8s_openapi::api::batch::v1::Job;
+use kube::ResourceExt;
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::watcher;
+
+use crate::crd::{DistributedLock, HolderKind};
+use crate::queue::{self, Sightings};
+
+type LockRef = ObjectRef<DistributedLock>;
+
+/// A holder a request points at: (namespace, kind, name).
+pub type HolderKey = (String, HolderKind, String);
+
+#[derive(Default)]
+struct Entries {
+    by_key: HashMap<String, HashSet<LockRef>>,
+    by_holder: HashMap<HolderKey, HashSet<LockRef>>,
+    /// What each request was filed under, to unfile it when it changes.
+    filed: HashMap<LockRef, (String, Option<HolderKey>)>,
+}
+
+/// The controller's indexes over the request cache.
+#[derive(Default)]
+pub struct QueueIndex {
+    entries: Mutex<Entries>,
+    /// resourceVersion each request had when first delivered, by UID.
+    first_seen: Mutex<HashMap<String, u64>>,
+    /// resourceVersion each Job had when first delivered, by UID.
+    jobs_first_seen: Mutex<HashMap<String, u64>>,
+    /// Requests whose lock was released but whose status may still say Granted.
+    released_uids: Mutex<HashSet<String>>,
+    /// When this controller last released each key (for the handoff histogram).
+    released_at: Mutex<HashMap<String, Instant>>,
+}
+
+fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn holder_key(lock: &DistributedLock) -> Option<HolderKey> {
+    let r = lock.spec.holder_ref.as_ref()?;
+    Some((lock.namespace().unwrap_or_default(), r.kind, r.name.clone()))
+}
+
+fn resource_version<K: ResourceExt>(obj: &K) -> Option<u64> {
+    obj.resource_version().and_then(|rv| rv.parse().ok())
+}
+
+impl QueueIndex {
+    /// Watch hook for DistributedLocks (called before the reflector stores the event).
+    pub fn observe(&self, event: &watcher::Event<DistributedLock>) {
+        match event {
+            watcher::Event::Apply(lock) | watcher::Event::InitApply(lock) => self.file(lock),
+            watcher::Event::Delete(lock) => self.unfile(lock),
+            watcher::Event::Init | watcher::Event::InitDone => {}
+        }
+    }
+
+    /// Watch hook for Jobs: remembers when each Job was first seen.
+    pub fn observe_job(&self, event: &watcher::Event<Job>) {
+        let mut seen = locked(&self.jobs_first_seen);
+        match event {
+            watcher::Event::Apply(job) | watcher::Event::InitApply(job) => {
+                if let (Some(uid), Some(rv)) = (job.uid(), resource_version(job)) {
+                    seen.entry(uid).or_insert(rv);
+                }
+            }
+            watcher::Event::Delete(job) => {
+                if let Some(uid) = job.uid() {
+                    seen.remove(&uid);
+                }
+            }
+            watcher::Event::Init | watcher::Event::InitDone => {}
+        }
+    }
+
+    fn file(&self, lock: &DistributedLock) {
+        if let (Some(uid), Some(rv)) = (lock.uid(), resource_version(lock)) {
+            locked(&self.first_seen).entry(uid).or_insert(rv);
+        }
+        let object = ObjectRef::from_obj(lock);
+        let key = queue::lock_key(lock);
+        let holder = holder_key(lock);
+        let mut entries = locked(&self.entries);
+        if entries.filed.get(&object) == Some(&(key.clone(), holder.clone())) {
+            return;
+        }
+        remove_filing(&mut entries, &object);
+        entries.by_key.entry(key.clone()).or_default().insert(object.clone());
+        if let Some(h) = &holder {
+            entries.by_holder.entry(h.clone()).or_default().insert(object.clone());
+        }
+        entries.filed.insert(object, (key, holder));
+    }
+
+    fn unfile(&self, lock: &DistributedLock) {
+        if let Some(uid) = lock.uid() {
+            locked(&self.first_seen).remove(&uid);
+            locked(&self.released_uids).remove(&uid);
+        }
+        remove_filing(&mut locked(&self.entries), &ObjectRef::from_obj(lock));
+    }
+
+    /// The requests of one lock key, as the cache has them now.
+    pub fn members(&self, store: &Store<DistributedLock>, key: &str) -> Vec<Arc<DistributedLock>> {
+        let refs: Vec<_> = locked(&self.entries)
+            .by_key
+            .get(key)
+            .map(|r| r.iter().cloned().collect())
+            .unwrap_or_default();
+        refs.iter().filter_map(|r| store.get(r)).collect()
+    }
+
+    /// The requests whose holderRef names this Job or Pod.
+    pub fn held_by(&self, holder: &HolderKey) -> Vec<LockRef> {
+        locked(&self.entries)
+            .by_holder
+            .get(holder)
+            .map(|r| r.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// The resourceVersion a Job had when first seen.
+    pub fn job_first_seen(&self, job: &Job) -> Option<u64> {
+        locked(&self.jobs_first_seen).get(&job.uid()?).copied()
+    }
+
+    /// Notes that this controller released `lock`'s grant of `key` just now.
+    pub fn mark_released(&self, key: &str, lock: Option<&DistributedLock>) {
+        locked(&self.released_at).insert(key.to_string(), Instant::now());
+        if let Some(uid) = lock.and_then(|l| l.uid()) {
+            locked(&self.released_uids).insert(uid);
+        }
+    }
+
+    /// True for a request whose lock this controller released a moment ago,
+    /// before its status says so.
+    pub fn just_released(&self, lock: &DistributedLock) -> bool {
+        lock.uid().is_some_and(|uid| locked(&self.released_uids).contains(&uid))
+    }
+
+    /// Forgets the release of a request whose status now shows it.
+    pub fn forget_released(&self, lock: &DistributedLock) {
+        if let Some(uid) = lock.uid() {
+            locked(&self.released_uids).remove(&uid);
+        }
+    }
+
+    /// When this controller last released `key`, taken (for the handoff histogram).
+    pub fn take_released_at(&self, key: &str) -> Option<Instant> {
+        locked(&self.released_at).remove(key)
+    }
+}
+
+fn remove_filing(entries: &mut Entries, object: &LockRef) {
+    let Some((key, holder)) = entries.filed.remove(object) else {
+        return;
+    };
+    if let Some(refs) = entries.by_key.get_mut(&key) {
+        refs.remove(object);
+        if refs.is_empty() {
+            entries.by_key.remove(&key);
+        }
+    }
+    if let Some(h) = holder
+        && let Some(refs) = entries.by_holder.get_mut(&h)
+    {
+        refs.remove(object);
+        if refs.is_empty() {
+            entries.by_holder.remove(&h);
+        }
+    }
+}
+
+impl Sightings for QueueIndex {
+    fn first_seen(&self, lock: &DistributedLock) -> Option<u64> {
+        locked(&self.first_seen).get(&lock.uid()?).copied()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::HolderRef;
+    use crate::fixtures::request;
+
+    #[test]
+    fn requests_are_found_by_key_and_by_holder_and_refiled_when_the_holder_changes() {
+        let index = QueueIndex::default();
+        let mut lock = request("a", "ns", "k", 0, 1, 10);
+        lock.spec.holder_ref = Some(HolderRef {
+            kind: HolderKind::Job,
+            name: "j1".into(),
+        });
+        index.observe(&watcher::Event::Apply(lock.clone()));
+        let j1 = ("ns".to_string(), HolderKind::Job, "j1".to_string());
+        assert_eq!(index.held_by(&j1).len(), 1);
+        assert_eq!(index.first_seen(&lock), Some(10));
+        lock.spec.holder_ref.as_mut().unwrap().name = "j2".into();
+        lock.metadata.resource_version = Some("11".into());
+        index.observe(&watcher::Event::Apply(lock.clone()));
+        assert!(index.held_by(&j1).is_empty());
+        assert_eq!(index.held_by(&("ns".into(), HolderKind::Job, "j2".into())).len(), 1);
+        assert_eq!(index.first_seen(&lock), Some(10), "the first sighting stays");
+        index.observe(&watcher::Event::Delete(lock.clone()));
+        assert!(locked(&index.entries).by_key.is_empty());
+        assert_eq!(index.first_seen(&lock), None);
+    }
+}

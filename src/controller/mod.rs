@@ -1,0 +1,360 @@
+//! The controller: grants `DistributedLock` requests through the lock index,
+//! in queue order, renews their leases and releases them when done.
+//!
+//! Reconcile = finalizer → apply / cleanup. Each phase decides with a pure
+//! function ([`pending::decide`], [`granted::decide`], [`crate::queue`]) and
+//! then acts; I/O stays in the `reconcile` functions and in [`Context`].
+
+pub mod error;
+pub mod events;
+pub mod granted;
+pub mod holder;
+pub mod index;
+pub mod pending;
+pub mod status;
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::ObjectReference;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::Recorder;
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+use tokio::sync::mpsc;
+
+pub use error::{Category, Error, Result};
+use status::{IndexHealth, reason};
+
+use crate::crd::{DistributedLock, FINALIZER, HolderKind, Phase};
+use crate::http::Readiness;
+use crate::lock::{LockClient, LockError};
+use crate::metrics::Metrics;
+use crate::queue::{self, Arrival, Sightings};
+
+/// What every reconcile shares.
+pub struct Context {
+    pub client: kube::Client,
+    pub locks: LockClient,
+    pub store: Store<DistributedLock>,
+    pub jobs: Store<Job>,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+    pub readiness: Arc<Readiness>,
+    /// Requests to reconcile now: the queue moved.
+    pub wake: mpsc::UnboundedSender<ObjectRef<DistributedLock>>,
+    pub cluster_scope_namespaces: Option<HashSet<String>>,
+    pub max_retry_interval: Duration,
+    pub index: Arc<index::QueueIndex>,
+    /// How the lock index answered last.
+    pub index_health: Mutex<IndexHealth>,
+}
+
+impl Context {
+    /// Runs one lock index call: times it, counts failures, and keeps the
+    /// index's health (readiness, the waiters' IndexReachable condition) current.
+    pub async fn engine<T>(
+        &self,
+        operation: &'static str,
+        lock: &DistributedLock,
+        call: impl Future<Output = Result<T, LockError>>,
+    ) -> Result<T> {
+        let started = Instant::now();
+        let result = call.await;
+        self.metrics.engine_call(operation, started.elapsed(), &result);
+        match result {
+            Ok(value) => {
+                self.set_index_health(IndexHealth::Reachable);
+                Ok(value)
+            }
+            Err(e) => {
+                let category = Category::of_lock_error(&e);
+                if matches!(category, Category::Invalid | Category::Held) {
+                    return Err(Error::Lock(e));
+                }
+                let health = match category {
+                    Category::Fencing => IndexHealth::Failing(reason::FENCING_UNPROVEN, crate::lock::error_line(&e)),
+                    _ => IndexHealth::Failing(
+                        reason::INDEX_UNREACHABLE,
+                        format!("the lock index cannot be reached ({}); retrying", category.as_str()),
+                    ),
+                };
+                self.set_index_health(health.clone());
+                // best effort: tell this request's user at once
+                let next = status::with_index_health(lock, &health);
+                if let Err(e) = status::write(&self.client, lock, next).await {
+                    tracing::debug!(error = %e, "could not record the index's health");
+                }
+                Err(Error::Lock(e))
+            }
+        }
+    }
+
+    /// The index's health as this controller saw it last.
+    pub fn index_health(&self) -> IndexHealth {
+        self.index_health.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Records the index's health; when it flips, every waiter is woken so
+    /// that its IndexReachable condition follows.
+    fn set_index_health(&self, health: IndexHealth) {
+        self.readiness
+            .engine_reachable
+            .store(health == IndexHealth::Reachable, Ordering::Relaxed);
+        let flipped = {
+            let mut current = self.index_health.lock().unwrap_or_else(|p| p.into_inner());
+            let flipped = std::mem::discriminant(&*current) != std::mem::discriminant(&health);
+            *current = health;
+            flipped
+        };
+        if flipped {
+            for lock in self.store.state() {
+                if queue::phase(&lock) == Phase::Pending {
+                    let _ = self.wake.send(ObjectRef::from_obj(lock.as_ref()));
+                }
+            }
+        }
+    }
+
+    /// The request's place in line: recorded in its status, else the gated
+    /// Job's creation (time and first-seen resourceVersion), else its own.
+    pub fn arrival(&self, lock: &DistributedLock) -> Arrival {
+        if let Some(recorded) = Arrival::recorded(lock) {
+            return recorded;
+        }
+        if let Some(job) = self.gating_job(lock) {
+            return Arrival {
+                at: job
+                    .metadata
+                    .creation_timestamp
+                    .as_ref()
+                    .and_then(|t| chrono::DateTime::from_timestamp_millis(t.0.as_millisecond())),
+                sequence: self
+                    .index
+                    .job_first_seen(&job)
+                    .or_else(|| job.resource_version().and_then(|rv| rv.parse().ok()))
+                    .unwrap_or(u64::MAX),
+            };
+        }
+        Arrival::observed(lock, self.index.first_seen(lock))
+    }
+
+    /// The Job a suspend-gated request was made for: its controlling owner,
+    /// which its holderRef names, with the owner reference's UID.
+    fn gating_job(&self, lock: &DistributedLock) -> Option<Arc<Job>> {
+        let holder = lock.spec.holder_ref.as_ref().filter(|h| h.kind == HolderKind::Job)?;
+        let owner = lock
+            .owner_references()
+            .iter()
+            .find(|o| o.controller == Some(true) && o.kind == "Job" && o.name == holder.name)?;
+        let job = self
+            .jobs
+            .get(&ObjectRef::new(&holder.name).within(&lock.namespace().unwrap_or_default()))?;
+        (job.uid().as_deref() == Some(owner.uid.as_str())).then_some(job)
+    }
+}
+
+/// The reference events about a request point at.
+pub fn object_ref(lock: &DistributedLock) -> ObjectReference {
+    lock.object_ref(&())
+}
+
+pub fn error_policy(_lock: Arc<DistributedLock>, error: &Error, ctx: Arc<Context>) -> Action {
+    let category = error.category();
+    ctx.metrics
+        .reconcile_errors
+        .get_or_create(&crate::metrics::CategoryLabels {
+            category: category.as_str(),
+        })
+        .inc();
+    tracing::warn!(error = %error, category = category.as_str(), "reconcile failed");
+    Action::requeue(category.backoff())
+}
+
+#[tracing::instrument(skip(lock, ctx), fields(name = %lock.name_any(), namespace = lock.namespace().unwrap_or_default()))]
+pub async fn reconcile(lock: Arc<DistributedLock>, ctx: Arc<Context>) -> Result<Action> {
+    ctx.metrics.reconciliations.inc();
+    let namespace = lock
+        .namespace()
+        .ok_or_else(|| Error::Invalid("DistributedLock without a namespace".into()))?;
+    let api: Api<DistributedLock> = Api::namespaced(ctx.client.clone(), &namespace);
+    if lock.metadata.deletion_timestamp.is_none() && !lock.finalizers().iter().any(|f| f == FINALIZER) {
+        return add_finalizer(&api, &lock).await;
+    }
+    let result = finalizer(&api, FINALIZER, lock, |event| async {
+        match event {
+            Finalizer::Apply(lock) => apply(lock, &ctx).await,
+            Finalizer::Cleanup(lock) => cleanup(lock, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)));
+    tracing::debug!(?result, "reconciled");
+    result
+}
+
+/// Adds the release finalizer in one compare-and-swap write (our copy's
+/// resourceVersion), so a stale copy never overwrites someone's finalizers.
+async fn add_finalizer(api: &Api<DistributedLock>, lock: &DistributedLock) -> Result<Action> {
+    let mut finalizers = lock.finalizers().to_vec();
+    finalizers.push(FINALIZER.to_string());
+    let patch = Patch::Merge(json!({
+        "metadata": {"resourceVersion": lock.resource_version(), "finalizers": finalizers}
+    }));
+    match api.patch(&lock.name_any(), &PatchParams::default(), &patch).await {
+        // The write itself triggers the next reconcile.
+        Ok(_) => Ok(Action::await_change()),
+        // We acted on a stale copy: the newer one is on its way and triggers
+        // the next reconcile, so there is nothing to retry.
+        Err(kube::Error::Api(s)) if s.code == 409 => Ok(Action::await_change()),
+        Err(e) => Err(Error::Kube(e)),
+    }
+}
+
+async fn apply(lock: Arc<DistributedLock>, ctx: &Context) -> Result<Action> {
+    let key = queue::lock_key(&lock);
+    // Whatever changed about this request may have moved the others.
+    wake_queue(ctx, &key, Some(&lock));
+    match queue::phase(&lock) {
+        phase if phase.is_final() => {
+            ctx.index.forget_released(&lock);
+            Ok(Action::await_change())
+        }
+        Phase::Granted => granted::reconcile(lock, ctx, &key).await,
+        _ => pending::reconcile(lock, ctx, &key).await,
+    }
+}
+
+/// Deletion: release the lock (token-fenced; "already released" is fine),
+/// whatever the status says — a crash between acquiring and writing the
+/// status leaves a grant the status does not show — then let the next in.
+async fn cleanup(lock: Arc<DistributedLock>, ctx: &Context) -> Result<Action> {
+    let key = queue::lock_key(&lock);
+    if release_own(&lock, ctx, &key).await? {
+        let note = format!("lock {key} released: request deleted");
+        events::normal(&ctx.recorder, &object_ref(&lock), "Released", note).await;
+    }
+    wake_queue(ctx, &key, None);
+    Ok(Action::await_change())
+}
+
+/// Releases any grant of `key` this request holds: its token is its UID (and
+/// the status's token, should that differ). One engine round trip normally.
+async fn release_own(lock: &DistributedLock, ctx: &Context, key: &str) -> Result<bool> {
+    let mut tokens: Vec<String> = lock.uid().into_iter().collect();
+    if let Some(token) = lock.status.as_ref().and_then(|s| s.token.clone())
+        && !tokens.contains(&token)
+    {
+        tokens.push(token);
+    }
+    let mut released = false;
+    for token in tokens {
+        released |= ctx.engine("release", lock, ctx.locks.release(key, &token)).await?;
+    }
+    if released {
+        ctx.metrics.releases.inc();
+        if let Some(acquired) = lock
+            .status
+            .as_ref()
+            .and_then(|s| s.acquired_at.as_deref())
+            .and_then(status::parse_time)
+        {
+            ctx.metrics
+                .hold_seconds
+                .observe((Utc::now() - acquired).num_milliseconds().max(0) as f64 / 1000.0);
+        }
+        ctx.index.mark_released(key, Some(lock));
+        wake_queue(ctx, key, None);
+    }
+    Ok(released)
+}
+
+/// Moves a request to a final phase (Released, Expired, Lost, Failed),
+/// releasing whatever grant it still holds first.
+pub async fn finish(
+    lock: &DistributedLock,
+    ctx: &Context,
+    phase: Phase,
+    reason: &str,
+    message: &str,
+) -> Result<Action> {
+    let key = queue::lock_key(lock);
+    let released = release_own(lock, ctx, &key).await?;
+    match phase {
+        Phase::Released if released => {
+            let note = format!("lock {key} released: {message}");
+            events::normal(&ctx.recorder, &object_ref(lock), "Released", note).await;
+        }
+        Phase::Failed => {
+            events::warning(
+                &ctx.recorder,
+                &object_ref(lock),
+                "Failed",
+                format!("{reason}: {message}"),
+            )
+            .await;
+        }
+        _ => {}
+    }
+    status::write(&ctx.client, lock, status::finished(lock, phase, reason, message)).await?;
+    wake_queue(ctx, &key, None);
+    Ok(Action::await_change())
+}
+
+/// Reconciles, now, the requests of `key` whose state is behind the queue
+/// (the head when the key is free here, waiters with a stale position).
+fn wake_queue(ctx: &Context, key: &str, except: Option<&DistributedLock>) {
+    let members = ctx.index.members(&ctx.store, key);
+    for lock in queue::needing_attention(&members, key, &*ctx.index, &|l| ctx.index.just_released(l)) {
+        if except.is_none_or(|me| me.uid() != lock.uid()) {
+            let _ = ctx.wake.send(ObjectRef::from_obj(lock.as_ref()));
+        }
+    }
+}
+
+/// Refreshes the holders/waiters gauges from the cache once a second
+/// (counting per reconcile would cost O(requests) each time).
+pub async fn update_gauges_every(ctx: Arc<Context>, period: Duration) {
+    loop {
+        let all = ctx.store.state();
+        let count = |phase: Phase| all.iter().filter(|l| queue::phase(l) == phase).count() as i64;
+        ctx.metrics.holders.set(count(Phase::Granted));
+        ctx.metrics.waiters.set(count(Phase::Pending));
+        tokio::time::sleep(period).await;
+    }
+}
+
+/// spec.holder, else the holderRef, else the request's name.
+pub fn display_holder(lock: &DistributedLock) -> String {
+    if let Some(holder) = &lock.spec.holder {
+        return holder.clone();
+    }
+    if let Some(r) = &lock.spec.holder_ref {
+        return format!("{:?}/{}", r.kind, r.name);
+    }
+    lock.name_any()
+}
+
+/// Leases are renewed every ttl/4.
+pub fn renew_period(ttl: Duration) -> Duration {
+    (ttl / 4).max(Duration::from_millis(100))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renewal_is_a_quarter_of_the_ttl() {
+        assert_eq!(renew_period(Duration::from_secs(30)), Duration::from_millis(7500));
+        assert_eq!(renew_period(Duration::from_millis(200)), Duration::from_millis(100));
+    }
+}

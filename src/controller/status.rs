@@ -1,0 +1,256 @@
+//! The status a request shows: pure builders (decide what the status says),
+//! the condition and reason names, and the one status write.
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::ResourceExt;
+use kube::api::{Api, Patch, PatchParams};
+use serde_json::json;
+
+use super::error::{Error, Result};
+use crate::crd::{DistributedLock, DistributedLockStatus, FIELD_MANAGER, Phase};
+use crate::lock::Lock;
+use crate::queue::{self, Arrival};
+
+/// Condition types.
+pub const GRANTED: &str = "Granted";
+pub const INDEX_REACHABLE: &str = "IndexReachable";
+
+/// Reasons of the Granted condition (and of the events that go with them).
+pub mod reason {
+    pub const ACQUIRED: &str = "Acquired";
+    pub const WAITING: &str = "Waiting";
+    pub const HELD_ELSEWHERE: &str = "HeldElsewhere";
+    pub const HOLDER_NOT_FOUND: &str = "HolderNotFound";
+    pub const HOLDER_FINISHED: &str = "HolderFinished";
+    pub const HOLDER_GONE: &str = "HolderGone";
+    pub const EXPIRED: &str = "Expired";
+    pub const LOST: &str = "Lost";
+    pub const TIMEOUT: &str = "Timeout";
+    pub const INVALID_SPEC: &str = "InvalidSpec";
+    pub const SCOPE_NOT_ALLOWED: &str = "ScopeNotAllowed";
+    /// Reasons of the IndexReachable condition.
+    pub const REACHABLE: &str = "Reachable";
+    pub const INDEX_UNREACHABLE: &str = "IndexUnreachable";
+    pub const FENCING_UNPROVEN: &str = "FencingUnproven";
+}
+
+/// Whether the lock index answered the last time this controller asked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum IndexHealth {
+    Reachable,
+    /// Unreachable or refusing grants: (reason, message).
+    Failing(&'static str, String),
+}
+
+/// The status of a waiting request.
+pub fn pending(
+    lock: &DistributedLock,
+    arrival: &Arrival,
+    position: usize,
+    reason: &str,
+    message: &str,
+    index: &IndexHealth,
+) -> DistributedLockStatus {
+    let previous = lock.status.clone().unwrap_or_default();
+    let mut next = DistributedLockStatus {
+        phase: Some(Phase::Pending),
+        lock_key: Some(queue::lock_key(lock)),
+        waiting_position: Some(i32::try_from(position).unwrap_or(i32::MAX)),
+        observed_generation: lock.metadata.generation,
+        conditions: previous.conditions,
+        ..Default::default()
+    };
+    record_arrival(&mut next, arrival);
+    set_condition(&mut next, lock, GRANTED, false, reason, message);
+    set_index_condition(&mut next, lock, index);
+    next
+}
+
+/// The status of a request that was just granted `grant` at `now`.
+pub fn granted(
+    lock: &DistributedLock,
+    arrival: &Arrival,
+    grant: &Lock,
+    holder: String,
+    now: DateTime<Utc>,
+) -> DistributedLockStatus {
+    let previous = lock.status.clone().unwrap_or_default();
+    let mut next = DistributedLockStatus {
+        phase: Some(Phase::Granted),
+        lock_key: Some(grant.lock_id.clone()),
+        token: Some(grant.token.clone()),
+        fencing_token: i64::try_from(grant.fencing_token).ok(),
+        holder: Some(holder),
+        acquired_at: Some(rfc3339(grant.created_at)),
+        expires_at: Some(rfc3339(grant.expires_at)),
+        renewed_at: Some(rfc3339(now)),
+        observed_generation: lock.metadata.generation,
+        conditions: previous.conditions,
+        ..Default::default()
+    };
+    record_arrival(&mut next, arrival);
+    let message = format!("lock {} granted, fencing token {}", grant.lock_id, grant.fencing_token);
+    set_condition(&mut next, lock, GRANTED, true, reason::ACQUIRED, &message);
+    set_index_condition(&mut next, lock, &IndexHealth::Reachable);
+    next
+}
+
+/// The status of a Granted request whose lease was renewed at `now` until `expires_at`.
+pub fn renewed(lock: &DistributedLock, now: DateTime<Utc>, expires_at: DateTime<Utc>) -> DistributedLockStatus {
+    let mut next = lock.status.clone().unwrap_or_default();
+    next.renewed_at = Some(rfc3339(now));
+    next.expires_at = Some(rfc3339(expires_at));
+    next.observed_generation = lock.metadata.generation;
+    set_index_condition(&mut next, lock, &IndexHealth::Reachable);
+    next
+}
+
+/// The status of a request that reached a final phase (Released, Expired, Lost, Failed).
+pub fn finished(lock: &DistributedLock, phase: Phase, reason: &str, message: &str) -> DistributedLockStatus {
+    let previous = lock.status.clone().unwrap_or_default();
+    let mut next = DistributedLockStatus {
+        phase: Some(phase),
+        lock_key: Some(queue::lock_key(lock)),
+        holder: previous.holder,
+        fencing_token: previous.fencing_token,
+        acquired_at: previous.acquired_at,
+        queued_at: previous.queued_at,
+        queue_sequence: previous.queue_sequence,
+        observed_generation: lock.metadata.generation,
+        conditions: previous.conditions,
+        ..Default::default()
+    };
+    set_condition(&mut next, lock, GRANTED, false, reason, message);
+    next
+}
+
+/// The current status with the IndexReachable condition set to `index`.
+pub fn with_index_health(lock: &DistributedLock, index: &IndexHealth) -> DistributedLockStatus {
+    let mut next = lock.status.clone().unwrap_or_default();
+    next.phase = Some(next.phase.unwrap_or_default());
+    set_index_condition(&mut next, lock, index);
+    next
+}
+
+fn record_arrival(status: &mut DistributedLockStatus, arrival: &Arrival) {
+    status.queued_at = arrival.at.map(rfc3339);
+    status.queue_sequence = i64::try_from(arrival.sequence).ok();
+}
+
+fn set_index_condition(status: &mut DistributedLockStatus, lock: &DistributedLock, index: &IndexHealth) {
+    match index {
+        IndexHealth::Reachable => set_condition(
+            status,
+            lock,
+            INDEX_REACHABLE,
+            true,
+            reason::REACHABLE,
+            "the lock index answers",
+        ),
+        IndexHealth::Failing(reason, message) => set_condition(status, lock, INDEX_REACHABLE, false, reason, message),
+    }
+}
+
+/// Sets a condition, keeping its lastTransitionTime while its status stays the same.
+fn set_condition(
+    status: &mut DistributedLockStatus,
+    lock: &DistributedLock,
+    type_: &str,
+    value: bool,
+    reason: &str,
+    message: &str,
+) {
+    let value = if value { "True" } else { "False" };
+    let now = Time(k8s_openapi::jiff::Timestamp::now());
+    match status.conditions.iter_mut().find(|c| c.type_ == type_) {
+        Some(c) => {
+            if c.status != value {
+                c.last_transition_time = now;
+            }
+            c.status = value.into();
+            c.reason = reason.into();
+            c.message = message.into();
+            c.observed_generation = lock.metadata.generation;
+        }
+        None => status.conditions.push(Condition {
+            type_: type_.into(),
+            status: value.into(),
+            reason: reason.into(),
+            message: message.into(),
+            last_transition_time: now,
+            observed_generation: lock.metadata.generation,
+        }),
+    }
+}
+
+/// Writes the status with server-side apply under our field manager, unless
+/// nothing changed (so a reconcile does not cause another one).
+pub async fn write(client: &kube::Client, lock: &DistributedLock, next: DistributedLockStatus) -> Result<()> {
+    if lock.status.as_ref() == Some(&next) {
+        return Ok(());
+    }
+    let api: Api<DistributedLock> = Api::namespaced(client.clone(), &lock.namespace().unwrap_or_default());
+    let patch = json!({
+        "apiVersion": "lockmanager.dev/v1alpha1",
+        "kind": "DistributedLock",
+        "status": next,
+    });
+    api.patch_status(
+        &lock.name_any(),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await
+    .map_err(Error::Kube)?;
+    Ok(())
+}
+
+/// RFC 3339 with milliseconds, as every time in the status is written.
+pub fn rfc3339(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+pub use crate::queue::parse_time;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fixtures::{at, request};
+
+    #[test]
+    fn times_round_trip() {
+        let t = parse_time("2026-11-26T13:00:00.123Z").unwrap();
+        assert_eq!(rfc3339(t), "2026-11-26T13:00:00.123Z");
+    }
+
+    #[test]
+    fn every_status_keeps_the_recorded_arrival() {
+        let lock = request("a", "ns", "k", 0, 10, 42);
+        let arrival = Arrival {
+            at: Some(at(0)),
+            sequence: 42,
+        };
+        let waiting = pending(&lock, &arrival, 2, reason::WAITING, "2nd", &IndexHealth::Reachable);
+        assert_eq!(waiting.queue_sequence, Some(42));
+        let mut lock = lock;
+        lock.status = Some(waiting);
+        assert_eq!(Arrival::recorded(&lock), Some(arrival));
+        let done = finished(&lock, Phase::Failed, reason::TIMEOUT, "late");
+        assert_eq!(done.queue_sequence, Some(42));
+        assert_eq!(
+            done.conditions.iter().find(|c| c.type_ == GRANTED).unwrap().reason,
+            "Timeout"
+        );
+    }
+
+    #[test]
+    fn an_unreachable_index_shows_on_waiters() {
+        let lock = request("a", "ns", "k", 0, 10, 42);
+        let arrival = Arrival::observed(&lock, None);
+        let down = IndexHealth::Failing(reason::INDEX_UNREACHABLE, "unavailable".into());
+        let waiting = pending(&lock, &arrival, 3, reason::WAITING, "3rd", &down);
+        let c = waiting.conditions.iter().find(|c| c.type_ == INDEX_REACHABLE).unwrap();
+        assert_eq!((c.status.as_str(), c.reason.as_str()), ("False", "IndexUnreachable"));
+    }
+}

@@ -1,0 +1,402 @@
+//! `lockctl operator`: wires the Kubernetes client, the lock index, the
+//! watch streams, the two controllers (requests and gated Jobs), leader
+//! election, the HTTP endpoints and shutdown on SIGTERM/SIGINT.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use clap::Args;
+use futures::{FutureExt, StreamExt, TryStreamExt};
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{ObjectReference, Pod};
+use kube::ResourceExt;
+use kube::api::{Api, DynamicObject};
+use kube::core::ApiResource;
+use kube::runtime::controller::Controller;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector;
+use kube::runtime::{WatchStreamExt, watcher};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::UnboundedReceiverStream;
+
+use crate::controller::index::QueueIndex;
+use crate::controller::status::IndexHealth;
+use crate::controller::{self, Context};
+use crate::crd::{DistributedLock, FIELD_MANAGER, HolderKind};
+use crate::engine::EngineArgs;
+use crate::http::Readiness;
+use crate::lock::{LockClient, LockError};
+use crate::metrics::Metrics;
+
+/// Flags of `lockctl operator`.
+#[derive(Args, Debug, Clone)]
+pub struct OperatorArgs {
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    /// Namespaces allowed to use `scope: Cluster` (comma-separated; default: all).
+    #[arg(long, env = "CLUSTER_SCOPE_NAMESPACES", value_delimiter = ',')]
+    pub cluster_scope_namespaces: Vec<String>,
+    /// Address of the HTTP server for /metrics, /healthz and /readyz.
+    #[arg(long, env = "HTTP_ADDR", default_value = "0.0.0.0:8080")]
+    pub http_addr: SocketAddr,
+    /// Only manage DistributedLocks (and gated Jobs) with these labels (e.g. `shard=a`); default: all.
+    #[arg(long, env = "LOCK_SELECTOR")]
+    pub selector: Option<String>,
+    /// Run as one of several replicas: only the holder of a Lease reconciles.
+    #[arg(long, env = "LEADER_ELECT")]
+    pub leader_elect: bool,
+    /// Namespace of the leader election Lease (default: $POD_NAMESPACE, else "default").
+    #[arg(long, env = "LEADER_ELECTION_NAMESPACE")]
+    pub leader_election_namespace: Option<String>,
+    /// Name of the leader election Lease.
+    #[arg(long, env = "LEADER_ELECTION_NAME", default_value = "kube-lock-manager")]
+    pub leader_election_name: String,
+    /// Validity of the leader's lease; a standby takes over this long after the last renewal it saw.
+    #[arg(long, default_value = "15s", value_parser = crate::duration::parse_duration)]
+    pub lease_duration: Duration,
+    /// This replica's name in the Lease (default: $POD_NAME, else host name and process id).
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
+    /// Longest wait before re-checking a lock held outside this cluster.
+    #[arg(long, default_value = "5s", value_parser = crate::duration::parse_duration)]
+    pub max_retry_interval: Duration,
+}
+
+/// Errors of the operator as a whole (start-up, leadership).
+#[derive(Debug, thiserror::Error)]
+pub enum OperatorError {
+    #[error("cannot connect to Kubernetes: {0}")]
+    Kube(#[source] kube::Error),
+    #[error("cannot load the kubeconfig or in-cluster configuration: {0}")]
+    KubeConfig(String),
+    #[error("the DistributedLock CRD is not installed (`lockctl crd | kubectl apply -f -` installs it): {0}")]
+    CrdMissing(#[source] kube::Error),
+    #[error("the lock index is not usable: {0}")]
+    Engine(#[from] LockError),
+    #[error("cannot install signal handlers: {0}")]
+    Signal(#[source] std::io::Error),
+    #[error(transparent)]
+    LeadershipLost(#[from] crate::leader::LeadershipLost),
+    #[error("cannot serve HTTP on {addr}: {source}")]
+    Http {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// How long in-flight reconciles may take after SIGTERM before the process ends anyway.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// Buffer of each shared watch stream (per subscriber).
+const SHARED_STREAM_BUFFER: usize = 1024;
+
+/// Runs the controllers until SIGTERM/SIGINT.
+pub async fn run(args: OperatorArgs) -> Result<(), OperatorError> {
+    let shutdown = shutdown_signal()?;
+    let client = kube::Client::try_default()
+        .await
+        .map_err(|e| OperatorError::KubeConfig(crate::lock::error_line(&e)))?;
+    Api::<DistributedLock>::all(client.clone())
+        .list_metadata(&kube::api::ListParams::default().limit(1))
+        .await
+        .map_err(|e| match &e {
+            kube::Error::Api(s) if s.code == 404 => OperatorError::CrdMissing(e),
+            _ => OperatorError::Kube(e),
+        })?;
+    let locks = LockClient::from_args(&args.engine)?;
+    locks.ensure_ready().await?;
+
+    let metrics = Arc::new(Metrics::default());
+    let readiness = Arc::new(Readiness::default());
+    readiness.engine_reachable.store(true, Ordering::Relaxed);
+    let listener = tokio::net::TcpListener::bind(args.http_addr)
+        .await
+        .map_err(|source| OperatorError::Http {
+            addr: args.http_addr,
+            source,
+        })?;
+    let http = tokio::spawn(
+        crate::http::serve(listener, metrics.clone(), readiness.clone()).map(|r| {
+            if let Err(e) = r {
+                tracing::error!(error = %e, "HTTP server stopped");
+            }
+        }),
+    );
+
+    let reporter = Reporter {
+        controller: FIELD_MANAGER.into(),
+        instance: std::env::var("POD_NAME").ok(),
+    };
+    let recorder = Recorder::new(client.clone(), reporter);
+    let index = Arc::new(QueueIndex::default());
+    let (lock_store, lock_writer) = reflector::store_shared::<DistributedLock>(SHARED_STREAM_BUFFER);
+    let (job_store, job_writer) = reflector::store_shared::<Job>(SHARED_STREAM_BUFFER);
+    let (wake, woken) = mpsc::unbounded_channel();
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        locks,
+        store: lock_store.clone(),
+        jobs: job_store.clone(),
+        recorder: recorder.clone(),
+        metrics: metrics.clone(),
+        readiness: readiness.clone(),
+        wake,
+        cluster_scope_namespaces: (!args.cluster_scope_namespaces.is_empty())
+            .then(|| args.cluster_scope_namespaces.iter().cloned().collect::<HashSet<_>>()),
+        max_retry_interval: args.max_retry_interval,
+        index: index.clone(),
+        index_health: std::sync::Mutex::new(IndexHealth::Reachable),
+    });
+    tracing::info!(index = %ctx.locks.index(), "operator started");
+
+    let mut lock_watch = watcher::Config::default().any_semantic();
+    let mut job_watch = watcher::Config::default().any_semantic();
+    if let Some(selector) = &args.selector {
+        lock_watch = lock_watch.labels(selector);
+        job_watch = job_watch.labels(selector);
+    }
+    let (bad_objects, bad_objects_rx) = mpsc::unbounded_channel();
+    tokio::spawn(report_undecodable(bad_objects_rx, recorder.clone(), metrics.clone()));
+
+    // One watch per kind, shared by both controllers.
+    let subscribe = "a shared store can be subscribed to";
+    let (locks_for_controller, locks_for_gate) = (
+        lock_writer.subscribe().expect(subscribe),
+        lock_writer.subscribe().expect(subscribe),
+    );
+    let (jobs_for_controller, jobs_for_gate) = (
+        job_writer.subscribe().expect(subscribe),
+        job_writer.subscribe().expect(subscribe),
+    );
+    let synced = readiness.clone();
+    let lock_index = index.clone();
+    let lock_root = watch_requests(client.clone(), lock_watch, bad_objects)
+        .inspect_ok(move |event| {
+            lock_index.observe(event);
+            if matches!(event, watcher::Event::InitDone) && !synced.synced.swap(true, Ordering::Relaxed) {
+                tracing::info!("DistributedLock watcher synced");
+            }
+        })
+        .reflect_shared(lock_writer)
+        .for_each(|_| futures::future::ready(()));
+    let (job_index, job_gone) = (index.clone(), ctx.wake.clone());
+    let job_root = watcher::watcher(Api::<Job>::all(client.clone()), job_watch)
+        .default_backoff()
+        .modify(|job| job.managed_fields_mut().clear())
+        .inspect_ok(move |event| {
+            job_index.observe_job(event);
+            // shared streams carry no deletions: wake the requests a deleted Job held
+            if let watcher::Event::Delete(job) = event {
+                let holder = (job.namespace().unwrap_or_default(), HolderKind::Job, job.name_any());
+                for request in job_index.held_by(&holder) {
+                    let _ = job_gone.send(request);
+                }
+            }
+        })
+        .reflect_shared(job_writer)
+        .for_each(|_| futures::future::ready(()));
+
+    let (holder_index, pod_index) = (index.clone(), index.clone());
+    let lock_controller = Controller::for_shared_stream(locks_for_controller, lock_store.clone())
+        .watches_shared_stream(jobs_for_controller, move |job| {
+            holder_index.held_by(&(job.namespace().unwrap_or_default(), HolderKind::Job, job.name_any()))
+        })
+        .watches(
+            Api::<Pod>::all(client.clone()),
+            watcher::Config::default().any_semantic(),
+            move |pod| pod_index.held_by(&(pod.namespace().unwrap_or_default(), HolderKind::Pod, pod.name_any())),
+        )
+        .reconcile_on(UnboundedReceiverStream::new(woken))
+        .graceful_shutdown_on(wait_for(shutdown.clone()))
+        .run(controller::reconcile, controller::error_policy, ctx.clone())
+        .for_each(|_| futures::future::ready(()));
+    let job_gate = Controller::for_shared_stream(jobs_for_gate, job_store.clone())
+        .owns_shared_stream(locks_for_gate)
+        .graceful_shutdown_on(wait_for(shutdown.clone()))
+        .run(crate::gate::reconcile_job, crate::gate::job_error_policy, ctx.clone())
+        .for_each(|_| futures::future::ready(()));
+    let gauges = tokio::spawn(controller::update_gauges_every(ctx.clone(), Duration::from_secs(1)));
+    let work = async {
+        tokio::select! {
+            _ = futures::future::join(lock_controller, job_gate) => {}
+            // the watch streams end only with the process
+            _ = futures::future::join(lock_root, job_root) => {}
+        }
+    };
+    // After the first signal, in-flight reconciles get a grace period; then we stop anyway.
+    let work = async {
+        tokio::select! {
+            _ = work => {}
+            _ = async { wait_for(shutdown.clone()).await; tokio::time::sleep(SHUTDOWN_GRACE).await } => {
+                tracing::warn!("reconciles did not finish within {SHUTDOWN_GRACE:?} of the shutdown signal; stopping");
+            }
+        }
+    };
+    let result = if args.leader_elect {
+        let identity = args.identity.clone().unwrap_or_else(default_identity);
+        let namespace = args
+            .leader_election_namespace
+            .clone()
+            .or_else(|| std::env::var("POD_NAMESPACE").ok())
+            .unwrap_or_else(|| "default".into());
+        let config = crate::leader::ElectionConfig::new(
+            namespace,
+            args.leader_election_name.clone(),
+            identity,
+            args.lease_duration,
+        );
+        // A standby has no watchers to sync; it is ready to take over.
+        readiness.synced.store(true, Ordering::Relaxed);
+        let (leading_readiness, leading_metrics) = (readiness.clone(), metrics.clone());
+        let result =
+            crate::leader::lead_then_run(client.clone(), config, work, wait_for(shutdown.clone()), move || {
+                leading_readiness.synced.store(false, Ordering::Relaxed);
+                leading_metrics.leader.set(1);
+            })
+            .await
+            .map_err(OperatorError::from);
+        metrics.leader.set(0);
+        result
+    } else {
+        metrics.leader.set(1);
+        work.await;
+        Ok(())
+    };
+    http.abort();
+    gauges.abort();
+    tracing::info!("operator stopped");
+    result
+}
+
+/// The DistributedLock watch, decoded object by object: a request the
+/// controller cannot decode (e.g. stored before the schema had bounds) is
+/// reported and skipped, and never stops the watch serving the others.
+fn watch_requests(
+    client: kube::Client,
+    config: watcher::Config,
+    bad: mpsc::UnboundedSender<(ObjectReference, String)>,
+) -> impl futures::Stream<Item = watcher::Result<watcher::Event<DistributedLock>>> {
+    let resource = ApiResource::erase::<DistributedLock>(&());
+    let api: Api<DynamicObject> = Api::all_with(client, &resource);
+    watcher::watcher(api, config)
+        .default_backoff()
+        .try_filter_map(move |event| {
+            let decode = |object: DynamicObject| decode_request(object, &resource, &bad);
+            let event = match event {
+                watcher::Event::Apply(o) => Some(match decode(o) {
+                    Decoded::Request(lock) => watcher::Event::Apply(lock),
+                    // an object that no longer decodes leaves the cache
+                    Decoded::Undecodable(placeholder) => watcher::Event::Delete(placeholder),
+                }),
+                watcher::Event::InitApply(o) => match decode(o) {
+                    Decoded::Request(lock) => Some(watcher::Event::InitApply(lock)),
+                    Decoded::Undecodable(_) => None,
+                },
+                watcher::Event::Delete(o) => Some(watcher::Event::Delete(decode(o).into_inner())),
+                watcher::Event::Init => Some(watcher::Event::Init),
+                watcher::Event::InitDone => Some(watcher::Event::InitDone),
+            };
+            futures::future::ready(Ok(event))
+        })
+}
+
+/// A watched object, decoded or not.
+enum Decoded {
+    Request(DistributedLock),
+    /// A placeholder carrying only the object's metadata (enough to drop it from the cache).
+    Undecodable(DistributedLock),
+}
+
+impl Decoded {
+    fn into_inner(self) -> DistributedLock {
+        match self {
+            Decoded::Request(lock) | Decoded::Undecodable(lock) => lock,
+        }
+    }
+}
+
+/// Decodes one request; one that does not decode is reported (once per
+/// resourceVersion) and comes back as a placeholder.
+fn decode_request(
+    mut object: DynamicObject,
+    resource: &ApiResource,
+    bad: &mpsc::UnboundedSender<(ObjectReference, String)>,
+) -> Decoded {
+    object.metadata.managed_fields = None;
+    let metadata = object.metadata.clone();
+    match object.try_parse::<DistributedLock>() {
+        Ok(lock) => Decoded::Request(lock),
+        Err(e) => {
+            let reference = ObjectReference {
+                api_version: Some(resource.api_version.clone()),
+                kind: Some(resource.kind.clone()),
+                name: metadata.name.clone(),
+                namespace: metadata.namespace.clone(),
+                uid: metadata.uid.clone(),
+                resource_version: metadata.resource_version.clone(),
+                ..Default::default()
+            };
+            let _ = bad.send((reference, e.to_string()));
+            let mut placeholder = DistributedLock::new(
+                metadata.name.as_deref().unwrap_or_default(),
+                crate::crd::DistributedLockSpec::placeholder(),
+            );
+            placeholder.metadata = metadata;
+            Decoded::Undecodable(placeholder)
+        }
+    }
+}
+
+/// Publishes a Warning event (once per object version) for each request the
+/// controller could not decode.
+async fn report_undecodable(
+    mut bad: mpsc::UnboundedReceiver<(ObjectReference, String)>,
+    recorder: Recorder,
+    metrics: Arc<Metrics>,
+) {
+    let mut reported = HashSet::new();
+    while let Some((reference, error)) = bad.recv().await {
+        if !reported.insert((reference.uid.clone(), reference.resource_version.clone())) {
+            continue;
+        }
+        metrics.undecodable_objects.inc();
+        let name = format!(
+            "{}/{}",
+            reference.namespace.as_deref().unwrap_or_default(),
+            reference.name.as_deref().unwrap_or_default()
+        );
+        tracing::warn!(object = %name, %error, "skipping a DistributedLock the controller cannot decode");
+        let note = format!("the controller cannot read this request and skips it: {error}");
+        crate::controller::events::warning(&recorder, &reference, "InvalidObject", note).await;
+    }
+}
+
+/// A receiver that turns true on the first SIGTERM or SIGINT.
+fn shutdown_signal() -> Result<watch::Receiver<bool>, OperatorError> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut sigterm = signal(SignalKind::terminate()).map_err(OperatorError::Signal)?;
+    let mut sigint = signal(SignalKind::interrupt()).map_err(OperatorError::Signal)?;
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = sigterm.recv() => {}
+            _ = sigint.recv() => {}
+        }
+        tracing::info!("shutdown signal received");
+        let _ = tx.send(true);
+    });
+    Ok(rx)
+}
+
+/// Resolves once `shutdown` turns true (or its sender is gone).
+async fn wait_for(mut shutdown: watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
+}
+
+fn default_identity() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    format!("{}-{}", host.trim(), std::process::id())
+}
