@@ -1,5 +1,7 @@
 //! Logging and tracing set-up.
 
+use std::io::IsTerminal;
+
 use clap::ValueEnum;
 use tracing_subscriber::EnvFilter;
 
@@ -14,8 +16,10 @@ pub enum LogFormat {
 /// Installs the global subscriber; `RUST_LOG` overrides `default_level`.
 pub fn init(format: LogFormat, default_level: &str) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
+    // colours only for a person at a terminal, never in log files or collectors
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Text => builder.try_init(),

@@ -37,8 +37,6 @@ pub struct WaitArgs {
 pub enum WaitError {
     #[error("cannot load the kubeconfig or in-cluster configuration: {0}")]
     Config(String),
-    #[error("distributedlock {namespace}/{name} does not exist")]
-    NotFound { namespace: String, name: String },
     #[error(
         "not allowed to read distributedlock {namespace}/{name} (bind the lock-waiter ClusterRole to this ServiceAccount): {message}"
     )]
@@ -72,11 +70,34 @@ pub async fn run(args: WaitArgs) -> Result<i32, WaitError> {
         .clone()
         .unwrap_or_else(|| client.default_namespace().to_string());
     let api: Api<DistributedLock> = Api::namespaced(client, &namespace);
-    let outcome = tokio::time::timeout(args.timeout, wait_for_grant(&api, &namespace, &args.name)).await;
+    let started = std::time::Instant::now();
+    // Read once, so a denied read is reported as such and a request that is
+    // already decided needs no watch (even with --timeout 0s).
+    let read = tokio::time::timeout(args.timeout.max(FIRST_READ_TIMEOUT), api.get_opt(&args.name)).await;
+    let current = match read {
+        Ok(current) => current.map_err(|e| classify(&namespace, &args.name, e))?,
+        Err(_) => None,
+    };
+    let decided = current
+        .as_ref()
+        .and_then(|lock| judge(lock).map(|decision| decide(decision, lock.clone())));
+    let outcome = match decided {
+        Some(outcome) => Ok(Ok(outcome)),
+        None => {
+            say_waiting(&namespace, &args.name, current.as_ref());
+            let left = args.timeout.saturating_sub(started.elapsed());
+            tokio::time::timeout(left, watch_for_grant(&api, &args.name, current.is_some())).await
+        }
+    };
     match outcome {
         Err(_) => {
+            let what = if current.is_some() {
+                "to be granted"
+            } else {
+                "to be created and granted (it does not exist)"
+            };
             eprintln!(
-                "lockctl: timed out after {} waiting for distributedlock {namespace}/{} to be granted",
+                "lockctl: timed out after {} waiting for distributedlock {namespace}/{} {what}",
                 crate::duration::format_duration(args.timeout),
                 args.name
             );
@@ -107,10 +128,6 @@ pub async fn run(args: WaitArgs) -> Result<i32, WaitError> {
 
 fn classify(namespace: &str, name: &str, e: kube::Error) -> WaitError {
     match &e {
-        kube::Error::Api(s) if s.code == 404 => WaitError::NotFound {
-            namespace: namespace.into(),
-            name: name.into(),
-        },
         kube::Error::Api(s) if s.code == 403 => WaitError::Forbidden {
             namespace: namespace.into(),
             name: name.into(),
@@ -138,35 +155,43 @@ fn judge(lock: &DistributedLock) -> Option<Result<(), String>> {
     }
 }
 
-async fn wait_for_grant(api: &Api<DistributedLock>, namespace: &str, name: &str) -> Result<Outcome, WaitError> {
-    // Read once, so a missing object or a denied read is reported as such.
-    let current = api.get(name).await.map_err(|e| classify(namespace, name, e))?;
-    if let Some(decision) = judge(&current) {
-        return Ok(decide(decision, current));
+/// The longest the first read may take when --timeout is shorter.
+const FIRST_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn say_waiting(namespace: &str, name: &str, current: Option<&DistributedLock>) {
+    match current {
+        None => eprintln!("lockctl: distributedlock {namespace}/{name} does not exist yet; waiting for it"),
+        Some(lock) => {
+            let position = lock.status.as_ref().and_then(|s| s.waiting_position);
+            eprintln!(
+                "lockctl: waiting for distributedlock {namespace}/{name}{}",
+                position
+                    .map(|p| format!(" (position {p} in the queue)"))
+                    .unwrap_or_default()
+            );
+        }
     }
-    let position = current.status.as_ref().and_then(|s| s.waiting_position);
-    eprintln!(
-        "lockctl: waiting for distributedlock {namespace}/{name}{}",
-        position
-            .map(|p| format!(" (position {p} in the queue)"))
-            .unwrap_or_default()
-    );
+}
+
+/// Watches the request until it is decided. `existed`: it was there when
+/// first read, so a (re)list without it means it was deleted meanwhile.
+async fn watch_for_grant(api: &Api<DistributedLock>, name: &str, existed: bool) -> Result<Outcome, WaitError> {
     let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
     let mut events = watcher::watcher(api.clone(), config).boxed();
-    // A (re)list that no longer contains the object means it was deleted
-    // between our read and the watch.
+    let mut seen = existed;
     let mut listed = false;
     while let Some(event) = events.try_next().await.map_err(|e| WaitError::Api(e.to_string()))? {
         match event {
             Event::Apply(lock) | Event::InitApply(lock) => {
                 listed = true;
+                seen = true;
                 if let Some(decision) = judge(&lock) {
                     return Ok(decide(decision, lock));
                 }
             }
             Event::Delete(_) => return Ok(Outcome::NotGranted("the request was deleted".into())),
             Event::Init => listed = false,
-            Event::InitDone if !listed => return Ok(Outcome::NotGranted("the request was deleted".into())),
+            Event::InitDone if seen && !listed => return Ok(Outcome::NotGranted("the request was deleted".into())),
             Event::InitDone => {}
         }
     }

@@ -249,6 +249,9 @@ async fn lockctl_wait_hands_over_the_token_or_says_why_not() {
     let grant: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("lock.json")).unwrap()).unwrap();
     assert_eq!(grant["fencingToken"], granted.fencing_token.unwrap());
+    // already granted: no time needed at all
+    let out = wait_cmd(&kubeconfig, &ns, "holder", "0s", &dir.path().join("token0"));
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
 
     // a waiter that is granted while lockctl waits: it was watching, not polling
     requests
@@ -299,10 +302,33 @@ async fn lockctl_wait_hands_over_the_token_or_says_why_not() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("Failed") && err.contains("Timeout"), "{err}");
 
-    // a missing object: exit 2, says which
-    let out = wait_cmd(&kubeconfig, &ns, "no-such-lock", "5s", &dir.path().join("m"));
-    assert_eq!(out.status.code(), Some(2));
+    // a missing object is waited for (an init-container may start first):
+    // a timeout says it never appeared ...
+    let out = wait_cmd(&kubeconfig, &ns, "no-such-lock", "1s", &dir.path().join("m"));
+    assert_eq!(out.status.code(), Some(124));
     assert!(String::from_utf8_lossy(&out.stderr).contains("does not exist"));
+    // ... and one created while lockctl waits is granted
+    let mut early = common::lockctl()
+        .env("KUBECONFIG", &kubeconfig)
+        .args(["wait", "late", "-n", &ns, "--timeout", "30s"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = std::io::BufReader::new(early.stderr.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut stderr, &mut line).unwrap();
+    assert!(line.contains("does not exist yet"), "{line}");
+    requests
+        .create(
+            &PostParams::default(),
+            &lock_request(&run, "late", json!({"lockId": "w-late"})),
+        )
+        .await
+        .unwrap();
+    let status = tokio::task::spawn_blocking(move || early.wait().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
     // deletion while waiting: exit 1
     let mut waiter = common::lockctl()
         .env("KUBECONFIG", &kubeconfig)
