@@ -241,3 +241,135 @@ where
 pub fn phase_of(lock: &kube_lock_manager::crd::DistributedLock) -> Option<kube_lock_manager::crd::Phase> {
     lock.status.as_ref().and_then(|s| s.phase)
 }
+
+/// How long tests wait for the operator to act.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+/// A test's own namespace and operator (selecting only this run's requests).
+pub struct Setup {
+    pub client: kube::Client,
+    pub ns: String,
+    pub run: String,
+    pub api: kube::Api<kube_lock_manager::crd::DistributedLock>,
+    pub operator: Operator,
+}
+
+impl Setup {
+    /// `None` (skip) when the services are not up outside CI.
+    pub async fn new(name: &str, operator_args: &[&str]) -> Option<Setup> {
+        services()?;
+        let client = kube::Client::try_default().await.expect("kubeconfig");
+        install_crd(&client).await;
+        let ns = namespace(&client, name).await;
+        let run = unique(name);
+        let operator = Operator::start(&run, operator_args);
+        let api = kube::Api::namespaced(client.clone(), &ns);
+        Some(Setup {
+            client,
+            ns,
+            run,
+            api,
+            operator,
+        })
+    }
+
+    pub async fn create(&self, name: &str, spec: serde_json::Value) -> kube_lock_manager::crd::DistributedLock {
+        self.api
+            .create(&Default::default(), &lock_request(&self.run, name, spec))
+            .await
+            .unwrap_or_else(|e| panic!("create {name}: {e}"))
+    }
+
+    pub async fn granted(&self, name: &str) -> kube_lock_manager::crd::DistributedLock {
+        await_lock(&self.api, name, "Granted", WAIT, |l| {
+            phase_of(l) == Some(kube_lock_manager::crd::Phase::Granted)
+        })
+        .await
+    }
+
+    /// The first event with this reason about the object named `name`.
+    pub async fn event(&self, name: &str, reason: &str) -> k8s_openapi::api::events::v1::Event {
+        let events: kube::Api<k8s_openapi::api::events::v1::Event> =
+            kube::Api::namespaced(self.client.clone(), &self.ns);
+        eventually(&format!("a {reason} event on {name}"), WAIT, || async {
+            events
+                .list(&Default::default())
+                .await
+                .ok()?
+                .items
+                .into_iter()
+                .find(|e| {
+                    e.reason.as_deref() == Some(reason)
+                        && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name)
+                })
+        })
+        .await
+    }
+}
+
+/// The condition of a request's status with this type.
+pub fn condition(
+    lock: &kube_lock_manager::crd::DistributedLock,
+    type_: &str,
+) -> Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+    lock.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .cloned()
+}
+
+/// A loopback TCP proxy to the search node that can be switched off (every
+/// connection refused and the open ones cut) and on again: an index outage
+/// for one client, without touching the shared node.
+pub struct SwitchProxy {
+    pub url: String,
+    up: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    cut: tokio::sync::watch::Sender<u64>,
+}
+
+impl SwitchProxy {
+    pub async fn start(target_url: &str) -> SwitchProxy {
+        use std::sync::atomic::Ordering;
+        let target = url::Url::parse(target_url).expect("a URL");
+        let target = format!(
+            "{}:{}",
+            target.host_str().expect("a host"),
+            target.port_or_known_default().expect("a port")
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let up = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let (cut, cuts) = tokio::sync::watch::channel(0u64);
+        let accepting = up.clone();
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if !accepting.load(Ordering::SeqCst) {
+                    continue; // dropped: the client sees the connection close
+                }
+                let target = target.clone();
+                let mut cuts = cuts.clone();
+                cuts.mark_unchanged(); // only cuts from now on end this connection
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cuts.changed() => {}
+                    }
+                });
+            }
+        });
+        SwitchProxy { url, up, cut }
+    }
+
+    /// Switches the proxy on or off (off also cuts the open connections).
+    pub fn set_up(&self, up: bool) {
+        self.up.store(up, std::sync::atomic::Ordering::SeqCst);
+        if !up {
+            self.cut.send_modify(|n| *n += 1);
+        }
+    }
+}

@@ -1,0 +1,203 @@
+//! Regression tests for holes a hostile user found, against the real API
+//! server and search node: each would let two Jobs hold one lock, or one bad
+//! request hurt the others. (Lease-timing cases — a raised ttl, an expired
+//! lease, a holder created late, forged queue annotations — are the fixed
+//! corpus of the model-based test in tests/model.rs.)
+
+mod common;
+
+use std::time::Duration;
+
+use common::{RUN_LABEL, Setup, WAIT, await_lock, lock_request, phase_of};
+use k8s_openapi::api::batch::v1::Job;
+use kube::ResourceExt;
+use kube::api::{Api, DeleteParams, PostParams};
+use kube_lock_manager::crd::{DistributedLock, Phase};
+use serde_json::json;
+
+fn gated_job(run: &str, name: &str, lock_id: &str, labels: serde_json::Value, managed_by: Option<&str>) -> Job {
+    let mut labels = labels;
+    labels[RUN_LABEL] = json!(run);
+    let mut job: Job = serde_json::from_value(json!({
+        "apiVersion": "batch/v1", "kind": "Job",
+        "metadata": {"name": name, "labels": labels, "annotations": {"lockmanager.dev/lock": lock_id}},
+        "spec": {
+            "suspend": true,
+            "template": {"spec": {"restartPolicy": "Never", "containers": [{"name": "c", "image": "busybox"}]}}
+        }
+    }))
+    .unwrap();
+    if let Some(manager) = managed_by {
+        job.spec.as_mut().unwrap().managed_by = Some(manager.into());
+    }
+    job
+}
+
+fn suspended(job: &Job) -> bool {
+    job.spec.as_ref().and_then(|s| s.suspend).unwrap_or(false)
+}
+
+#[tokio::test]
+async fn dot_and_dot_dot_are_not_lock_ids() {
+    let Some(t) = Setup::new("dot-ids", &[]).await else {
+        return;
+    };
+    for id in [".", ".."] {
+        let err = t
+            .api
+            .create(
+                &PostParams::default(),
+                &lock_request(&t.run, "dots", json!({"lockId": id})),
+            )
+            .await
+            .expect_err("the API server refuses the id");
+        assert!(err.to_string().contains("spec.lockId"), "{err}");
+    }
+    // dots inside an id are fine
+    t.create("dotted", json!({"lockId": "a..b"})).await;
+    t.granted("dotted").await;
+}
+
+#[tokio::test]
+async fn a_gated_job_whose_name_is_taken_gets_a_unique_request_and_a_warning() {
+    let Some(t) = Setup::new("name-clash", &[]).await else {
+        return;
+    };
+    // someone's request already has the Job's name (and another lock)
+    t.create("reindex", json!({"lockId": "unrelated"})).await;
+    t.granted("reindex").await;
+    let jobs: Api<Job> = Api::namespaced(t.client.clone(), &t.ns);
+    let job = jobs
+        .create(
+            &PostParams::default(),
+            &gated_job(&t.run, "reindex", "shared", json!({}), None),
+        )
+        .await
+        .unwrap();
+    let warning = t.event("reindex", "NameClash").await;
+    assert_eq!(warning.type_.as_deref(), Some("Warning"));
+    assert!(warning.note.unwrap_or_default().contains("already exists"));
+    let uid = job.uid().unwrap();
+    let own = format!("reindex-{}", &uid.replace('-', "")[..8]);
+    let request = t.granted(&own).await;
+    assert_eq!(request.spec.lock_id, "shared");
+    assert_eq!(request.spec.holder_ref.unwrap().name, "reindex");
+    common::eventually("the Job to be un-suspended", WAIT, || async {
+        (!suspended(&jobs.get("reindex").await.ok()?)).then_some(())
+    })
+    .await;
+    // the other request was left alone
+    let other = t.api.get("reindex").await.unwrap();
+    assert_eq!(other.spec.lock_id, "unrelated");
+    assert_eq!(phase_of(&other), Some(Phase::Granted));
+}
+
+#[tokio::test]
+async fn jobs_that_kueue_or_another_controller_manages_are_never_gated() {
+    let Some(t) = Setup::new("managed-jobs", &[]).await else {
+        return;
+    };
+    let jobs: Api<Job> = Api::namespaced(t.client.clone(), &t.ns);
+    let kueue = gated_job(
+        &t.run,
+        "kueued",
+        "k",
+        json!({"kueue.x-k8s.io/queue-name": "main"}),
+        None,
+    );
+    let other = gated_job(&t.run, "managed", "k", json!({}), Some("example.com/batch-controller"));
+    for job in [kueue, other] {
+        jobs.create(&PostParams::default(), &job).await.unwrap();
+    }
+    for (name, says) in [("kueued", "Kueue"), ("managed", "managedBy")] {
+        let warning = t.event(name, "NotGated").await;
+        let note = warning.note.unwrap_or_default();
+        assert!(note.contains(says) && note.contains("lockctl wait"), "{note}");
+    }
+    // a gated Job of the same run is served meanwhile, proving the operator looked
+    jobs.create(&PostParams::default(), &gated_job(&t.run, "ours", "k", json!({}), None))
+        .await
+        .unwrap();
+    t.granted("ours").await;
+    for name in ["kueued", "managed"] {
+        assert!(suspended(&jobs.get(name).await.unwrap()), "{name} must stay suspended");
+        assert!(t.api.get_opt(name).await.unwrap().is_none(), "no request for {name}");
+    }
+}
+
+#[tokio::test]
+async fn deleting_a_request_releases_a_grant_its_status_does_not_show_yet() {
+    let Some(t) = Setup::new("crash-grant", &[]).await else {
+        return;
+    };
+    // An operator that crashed right after acquiring: the index holds a grant
+    // with the request's token (its UID), the status still says Pending.
+    let mut t = t;
+    t.operator.kill();
+    let lock: DistributedLock = serde_json::from_value(json!({
+        "apiVersion": "lockmanager.dev/v1alpha1", "kind": "DistributedLock",
+        "metadata": {"name": "crashed", "labels": {RUN_LABEL: t.run}, "finalizers": ["lockmanager.dev/release"]},
+        "spec": {"lockId": "c"}
+    }))
+    .unwrap();
+    let created = t.api.create(&PostParams::default(), &lock).await.unwrap();
+    let key = format!("{}/c", t.ns);
+    let engine = common::lock_client(
+        &common::es_url().unwrap(),
+        kube_lock_manager::engine::DEFAULT_INDEX_PREFIX,
+    );
+    let request = kube_lock_manager::lock::AcquireRequest {
+        token: created.uid().unwrap(),
+        ..kube_lock_manager::lock::AcquireRequest::new(&key, Duration::from_secs(3600), json!({}))
+    };
+    assert!(engine.try_acquire(&request).await.unwrap().is_some());
+    t.api.delete("crashed", &DeleteParams::default()).await.unwrap();
+    t.operator.restart();
+    common::eventually("the request to be gone", WAIT, || async {
+        t.api.get_opt("crashed").await.unwrap().is_none().then_some(())
+    })
+    .await;
+    assert!(
+        engine.get(&key).await.unwrap().is_none(),
+        "the grant must be released with the request, not left for its 1h lease"
+    );
+}
+
+#[tokio::test]
+async fn waiters_show_when_the_index_is_unreachable_too() {
+    // The operator reaches the search node through a loopback proxy that the
+    // test switches off: the holder's renewal fails, and every request in
+    // line (not only the head, which calls the engine) says so.
+    let Some(url) = common::services() else {
+        return;
+    };
+    let proxy = common::SwitchProxy::start(&url).await;
+    let Some(mut t) = Setup::new("index-down-waiters", &["--es-url", &proxy.url]).await else {
+        return;
+    };
+    t.create("holder", json!({"lockId": "w", "ttl": "2s"})).await;
+    t.granted("holder").await;
+    for name in ["second", "third"] {
+        t.create(name, json!({"lockId": "w"})).await;
+    }
+    await_lock(&t.api, "third", "Pending at 2", WAIT, |l| {
+        l.status.as_ref().and_then(|s| s.waiting_position) == Some(2)
+    })
+    .await;
+    proxy.set_up(false);
+    for name in ["second", "third"] {
+        await_lock(&t.api, name, "IndexReachable=False", WAIT, |l| {
+            common::condition(l, "IndexReachable")
+                .is_some_and(|c| c.status == "False" && c.reason == "IndexUnreachable")
+        })
+        .await;
+    }
+    proxy.set_up(true);
+    for name in ["second", "third"] {
+        await_lock(&t.api, name, "IndexReachable=True again", WAIT, |l| {
+            common::condition(l, "IndexReachable").is_some_and(|c| c.status == "True")
+        })
+        .await;
+    }
+    t.operator.kill();
+}
