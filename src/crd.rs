@@ -24,7 +24,7 @@ pub use crate::lock::DEFAULT_TTL;
 /// runs and releases it when the request is deleted or its holder finishes.
 // clippy reads the repeated `printcolumn(type_ = ...)` keys as duplicated attributes.
 #[allow(clippy::duplicated_attributes)]
-#[derive(CustomResource, KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[derive(CustomResource, KubeSchema, Deserialize, Serialize, Clone, Debug, Default, PartialEq)]
 #[kube(
     group = "lockmanager.dev",
     version = "v1alpha1",
@@ -237,21 +237,6 @@ impl DistributedLockSpec {
         }
     }
 
-    /// A spec for an object the controller could not decode: never acted on,
-    /// only used to drop the object from the cache.
-    pub fn placeholder() -> Self {
-        Self {
-            lock_id: String::new(),
-            scope: LockScope::Namespace,
-            ttl: None,
-            metadata: None,
-            holder: None,
-            priority: 0,
-            acquire_timeout: None,
-            holder_ref: None,
-        }
-    }
-
     pub fn acquire_timeout(&self) -> Result<Option<Duration>, String> {
         self.acquire_timeout.as_deref().map(parse_duration).transpose()
     }
@@ -269,19 +254,7 @@ pub fn crd_yaml() -> Result<String, serde_yaml::Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn spec(lock_id: &str, scope: LockScope) -> DistributedLockSpec {
-        DistributedLockSpec {
-            lock_id: lock_id.into(),
-            scope,
-            ttl: None,
-            metadata: None,
-            holder: None,
-            priority: 0,
-            acquire_timeout: None,
-            holder_ref: None,
-        }
-    }
+    use crate::fixtures::spec;
 
     #[test]
     fn lock_keys_follow_the_scope() {

@@ -13,12 +13,7 @@ pub fn spec(lock_id: &str, scope: LockScope) -> DistributedLockSpec {
     DistributedLockSpec {
         lock_id: lock_id.into(),
         scope,
-        ttl: None,
-        metadata: None,
-        holder: None,
-        priority: 0,
-        acquire_timeout: None,
-        holder_ref: None,
+        ..Default::default()
     }
 }
 

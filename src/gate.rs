@@ -263,16 +263,8 @@ async fn start(ctx: &Context, job: &Job, fencing_token: i64) -> Result<(), Error
     Ok(())
 }
 
-pub fn job_error_policy(_job: Arc<Job>, error: &Error, ctx: Arc<Context>) -> Action {
-    let category = error.category();
-    ctx.metrics
-        .reconcile_errors
-        .get_or_create(&crate::metrics::CategoryLabels {
-            category: category.as_str(),
-        })
-        .inc();
-    tracing::warn!(error = %error, category = category.as_str(), "gated Job reconcile failed");
-    Action::requeue(category.backoff())
+pub fn job_error_policy(job: Arc<Job>, error: &Error, ctx: Arc<Context>) -> Action {
+    crate::controller::retry_after(&*job, error, &ctx)
 }
 
 #[cfg(test)]

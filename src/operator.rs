@@ -342,7 +342,7 @@ fn decode_request(
             let _ = bad.send((reference, e.to_string()));
             let mut placeholder = DistributedLock::new(
                 metadata.name.as_deref().unwrap_or_default(),
-                crate::crd::DistributedLockSpec::placeholder(),
+                crate::crd::DistributedLockSpec::default(),
             );
             placeholder.metadata = metadata;
             Decoded::Undecodable(placeholder)

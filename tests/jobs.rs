@@ -12,12 +12,12 @@ use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::ServiceAccount;
 use k8s_openapi::api::rbac::v1::RoleBinding;
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, PostParams};
 use kube::runtime::watcher;
 use kube_lock_manager::crd::{DistributedLock, Phase};
 use serde_json::json;
 
-const WAIT: Duration = Duration::from_secs(20);
+use common::WAIT;
 
 async fn setup(name: &str) -> Option<(kube::Client, String, String, Operator)> {
     common::services()?;
@@ -43,21 +43,6 @@ fn gated_job(run: &str, name: &str, lock_id: &str, suspend: bool) -> Job {
         }
     }))
     .unwrap()
-}
-
-/// Marks a Job complete through its status subresource, as the Job controller would.
-async fn complete(jobs: &Api<Job>, name: &str) {
-    let now = chrono::Utc::now().to_rfc3339();
-    let status = json!({"status": {
-        "startTime": now, "completionTime": now, "succeeded": 1,
-        "conditions": [
-            {"type": "SuccessCriteriaMet", "status": "True", "lastProbeTime": now, "lastTransitionTime": now},
-            {"type": "Complete", "status": "True", "lastProbeTime": now, "lastTransitionTime": now}
-        ]
-    }});
-    jobs.patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
-        .await
-        .unwrap_or_else(|e| panic!("mark {name} complete: {e}"));
 }
 
 fn fencing_annotation(job: &Job) -> Option<i64> {
@@ -119,7 +104,7 @@ async fn suspend_gated_jobs_run_strictly_one_after_another() {
             );
         }
         tokio::time::sleep(Duration::from_millis(200)).await; // the Job's work
-        complete(&jobs, &name).await;
+        common::complete_job(&jobs, &name).await;
         intervals.insert(name, (started, Instant::now()));
     }
     let mut spans: Vec<_> = intervals.values().collect();

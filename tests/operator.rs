@@ -6,65 +6,11 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Operator, await_lock, lock_request, phase_of};
+use common::{Setup, WAIT, await_lock, lock_request, phase_of};
 use k8s_openapi::api::batch::v1::Job;
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube_lock_manager::crd::{DistributedLock, Phase};
 use serde_json::json;
-
-const WAIT: Duration = Duration::from_secs(20);
-
-struct Setup {
-    client: kube::Client,
-    ns: String,
-    api: Api<DistributedLock>,
-    operator: Operator,
-    run: String,
-}
-
-async fn setup(name: &str, operator_args: &[&str]) -> Option<Setup> {
-    common::services()?;
-    let client = kube::Client::try_default().await.expect("kubeconfig");
-    common::install_crd(&client).await;
-    let ns = common::namespace(&client, name).await;
-    let run = common::unique(name);
-    let operator = Operator::start(&run, operator_args);
-    let api = Api::namespaced(client.clone(), &ns);
-    Some(Setup {
-        client,
-        ns,
-        api,
-        operator,
-        run,
-    })
-}
-
-impl Setup {
-    async fn create(&self, name: &str, spec: serde_json::Value) -> DistributedLock {
-        self.api
-            .create(&PostParams::default(), &lock_request(&self.run, name, spec))
-            .await
-            .unwrap_or_else(|e| panic!("create {name}: {e}"))
-    }
-
-    async fn granted(&self, name: &str) -> DistributedLock {
-        await_lock(&self.api, name, "Granted", WAIT, |l| {
-            phase_of(l) == Some(Phase::Granted)
-        })
-        .await
-    }
-
-    async fn pending_at(&self, name: &str, position: i32) -> DistributedLock {
-        await_lock(&self.api, name, &format!("Pending at position {position}"), WAIT, |l| {
-            phase_of(l) == Some(Phase::Pending) && l.status.as_ref().and_then(|s| s.waiting_position) == Some(position)
-        })
-        .await
-    }
-
-    async fn delete(&self, name: &str) {
-        self.api.delete(name, &DeleteParams::default()).await.unwrap();
-    }
-}
 
 fn status(lock: &DistributedLock) -> kube_lock_manager::crd::DistributedLockStatus {
     lock.status.clone().unwrap_or_default()
@@ -72,7 +18,9 @@ fn status(lock: &DistributedLock) -> kube_lock_manager::crd::DistributedLockStat
 
 #[tokio::test]
 async fn a_free_lock_is_granted_with_token_fencing_token_and_expiry() {
-    let Some(s) = setup("grant", &[]).await else { return };
+    let Some(s) = Setup::new("grant", &[]).await else {
+        return;
+    };
     s.create(
         "first",
         json!({"lockId": "reindex", "ttl": "30s", "metadata": {"owner": "team-a"}}),
@@ -116,7 +64,9 @@ async fn a_free_lock_is_granted_with_token_fencing_token_and_expiry() {
 
 #[tokio::test]
 async fn deleting_the_holder_hands_the_lock_to_the_waiter_fast() {
-    let Some(s) = setup("handoff", &[]).await else { return };
+    let Some(s) = Setup::new("handoff", &[]).await else {
+        return;
+    };
     s.create("holder", json!({"lockId": "migrate"})).await;
     let holder = s.granted("holder").await;
     s.create("waiter", json!({"lockId": "migrate"})).await;
@@ -141,7 +91,9 @@ async fn deleting_the_holder_hands_the_lock_to_the_waiter_fast() {
 
 #[tokio::test]
 async fn higher_priority_is_granted_before_an_older_request() {
-    let Some(s) = setup("priority", &[]).await else { return };
+    let Some(s) = Setup::new("priority", &[]).await else {
+        return;
+    };
     s.create("holder", json!({"lockId": "p"})).await;
     s.granted("holder").await;
     s.create("old-low", json!({"lockId": "p", "priority": 0})).await;
@@ -156,7 +108,7 @@ async fn higher_priority_is_granted_before_an_older_request() {
 
 #[tokio::test]
 async fn equal_priority_waiters_are_served_first_in_first_out() {
-    let Some(s) = setup("fifo", &[]).await else { return };
+    let Some(s) = Setup::new("fifo", &[]).await else { return };
     s.create("holder", json!({"lockId": "q"})).await;
     s.granted("holder").await;
     let names: Vec<String> = (0..10).map(|i| format!("w{i}")).collect();
@@ -186,7 +138,9 @@ async fn equal_priority_waiters_are_served_first_in_first_out() {
 
 #[tokio::test]
 async fn namespace_scope_isolates_and_cluster_scope_contends() {
-    let Some(s) = setup("scope", &[]).await else { return };
+    let Some(s) = Setup::new("scope", &[]).await else {
+        return;
+    };
     let other_ns = common::namespace(&s.client, "scope-b").await;
     let other: Api<DistributedLock> = Api::namespaced(s.client.clone(), &other_ns);
     let lock_id = common::unique("shared");
@@ -219,7 +173,7 @@ async fn namespace_scope_isolates_and_cluster_scope_contends() {
 
 #[tokio::test]
 async fn cluster_scope_is_refused_outside_the_allowed_namespaces() {
-    let Some(s) = setup("scope-deny", &["--cluster-scope-namespaces", "somewhere-else"]).await else {
+    let Some(s) = Setup::new("scope-deny", &["--cluster-scope-namespaces", "somewhere-else"]).await else {
         return;
     };
     s.create("c", json!({"lockId": common::unique("x"), "scope": "Cluster"}))
@@ -236,7 +190,9 @@ async fn cluster_scope_is_refused_outside_the_allowed_namespaces() {
 
 #[tokio::test]
 async fn a_lock_taken_with_lockctl_blocks_the_request_until_released() {
-    let Some(s) = setup("outside", &[]).await else { return };
+    let Some(s) = Setup::new("outside", &[]).await else {
+        return;
+    };
     let key = format!("{}/cli", s.ns);
     let out = common::lockctl()
         .args(["acquire", &key, "--ttl", "60s"])
@@ -263,7 +219,7 @@ async fn a_lock_taken_with_lockctl_blocks_the_request_until_released() {
 
 #[tokio::test]
 async fn a_lock_taken_with_lockctl_is_granted_after_it_expires() {
-    let Some(s) = setup("outside-expiry", &[]).await else {
+    let Some(s) = Setup::new("outside-expiry", &[]).await else {
         return;
     };
     let key = format!("{}/cli", s.ns);
@@ -283,7 +239,7 @@ async fn a_lock_taken_with_lockctl_is_granted_after_it_expires() {
 
 #[tokio::test]
 async fn holder_job_completion_releases_and_grants_the_next() {
-    let Some(s) = setup("holder-job", &[]).await else {
+    let Some(s) = Setup::new("holder-job", &[]).await else {
         return;
     };
     let jobs: Api<Job> = Api::namespaced(s.client.clone(), &s.ns);
@@ -304,17 +260,7 @@ async fn holder_job_completion_releases_and_grants_the_next() {
     s.create("next", json!({"lockId": "j"})).await;
     s.pending_at("next", 1).await;
 
-    let now = chrono::Utc::now().to_rfc3339();
-    let complete = json!({"status": {
-        "startTime": now, "completionTime": now, "succeeded": 1,
-        "conditions": [
-            {"type": "SuccessCriteriaMet", "status": "True", "lastProbeTime": now, "lastTransitionTime": now},
-            {"type": "Complete", "status": "True", "lastProbeTime": now, "lastTransitionTime": now}
-        ]
-    }});
-    jobs.patch_status("reindex", &PatchParams::default(), &Patch::Merge(&complete))
-        .await
-        .expect("mark the Job complete");
+    common::complete_job(&jobs, "reindex").await;
     let released = await_lock(&s.api, "by-job", "Released", WAIT, |l| {
         phase_of(l) == Some(Phase::Released)
     })
@@ -325,7 +271,9 @@ async fn holder_job_completion_releases_and_grants_the_next() {
 
 #[tokio::test]
 async fn acquire_timeout_fails_the_request() {
-    let Some(s) = setup("timeout", &[]).await else { return };
+    let Some(s) = Setup::new("timeout", &[]).await else {
+        return;
+    };
     s.create("holder", json!({"lockId": "t"})).await;
     s.granted("holder").await;
     s.create("impatient", json!({"lockId": "t", "acquireTimeout": "2s"}))
@@ -349,7 +297,9 @@ async fn acquire_timeout_fails_the_request() {
 
 #[tokio::test]
 async fn invalid_specs_are_rejected_by_the_api_server_naming_the_field() {
-    let Some(s) = setup("invalid", &[]).await else { return };
+    let Some(s) = Setup::new("invalid", &[]).await else {
+        return;
+    };
     let cases = [
         (json!({"lockId": "has space"}), "spec.lockId"),
         (json!({"lockId": ""}), "spec.lockId"),
@@ -409,7 +359,7 @@ async fn invalid_specs_are_rejected_by_the_api_server_naming_the_field() {
 
 #[tokio::test]
 async fn a_restarted_controller_keeps_the_holder_its_token_and_the_queue_order() {
-    let Some(mut s) = setup("restart", &[]).await else {
+    let Some(mut s) = Setup::new("restart", &[]).await else {
         return;
     };
     s.create("holder", json!({"lockId": "r", "ttl": "4s"})).await;
@@ -440,7 +390,9 @@ async fn a_restarted_controller_keeps_the_holder_its_token_and_the_queue_order()
 
 #[tokio::test]
 async fn kubectl_get_locks_shows_the_columns() {
-    let Some(s) = setup("kubectl", &[]).await else { return };
+    let Some(s) = Setup::new("kubectl", &[]).await else {
+        return;
+    };
     s.create("shown", json!({"lockId": "k", "holder": "reindex job"})).await;
     s.granted("shown").await;
     let out = std::process::Command::new("kubectl")

@@ -167,7 +167,13 @@ pub fn object_ref(lock: &DistributedLock) -> ObjectReference {
     lock.object_ref(&())
 }
 
-pub fn error_policy(_lock: Arc<DistributedLock>, error: &Error, ctx: Arc<Context>) -> Action {
+pub fn error_policy(lock: Arc<DistributedLock>, error: &Error, ctx: Arc<Context>) -> Action {
+    retry_after(&*lock, error, &ctx)
+}
+
+/// Counts a failed reconcile (of a request or a gated Job) by category and
+/// retries after that category's backoff.
+pub fn retry_after<K: Resource<DynamicType = ()>>(object: &K, error: &Error, ctx: &Context) -> Action {
     let category = error.category();
     ctx.metrics
         .reconcile_errors
@@ -175,7 +181,14 @@ pub fn error_policy(_lock: Arc<DistributedLock>, error: &Error, ctx: Arc<Context
             category: category.as_str(),
         })
         .inc();
-    tracing::warn!(error = %error, category = category.as_str(), "reconcile failed");
+    tracing::warn!(
+        kind = %K::kind(&()),
+        name = %object.name_any(),
+        namespace = object.namespace().unwrap_or_default(),
+        error = %error,
+        category = category.as_str(),
+        "reconcile failed"
+    );
     Action::requeue(category.backoff())
 }
 

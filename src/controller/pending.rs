@@ -282,6 +282,14 @@ mod tests {
     use crate::crd::{HolderKind, HolderRef};
     use crate::fixtures::{at, request};
 
+    fn held_by_job(mut lock: DistributedLock, job: &str) -> DistributedLock {
+        lock.spec.holder_ref = Some(HolderRef {
+            kind: HolderKind::Job,
+            name: job.into(),
+        });
+        lock
+    }
+
     fn head() -> QueueView {
         QueueView {
             position: 1,
@@ -324,30 +332,22 @@ mod tests {
 
     #[test]
     fn a_holder_that_does_not_exist_yet_is_waited_for_until_the_timeout() {
-        let mut lock = created_at_zero();
-        lock.spec.holder_ref = Some(HolderRef {
-            kind: HolderKind::Job,
-            name: "reindex".into(),
-        });
-        let step = decide(&lock, Ok(()), HolderState::Missing, &head(), at(1));
+        let lock = &mut held_by_job(created_at_zero(), "reindex");
+        let step = decide(lock, Ok(()), HolderState::Missing, &head(), at(1));
         assert!(matches!(step, PendingStep::Wait { reason: "HolderNotFound", recheck, .. } if recheck == IDLE_RECHECK));
         lock.spec.acquire_timeout = Some("10s".into());
-        let step = decide(&lock, Ok(()), HolderState::Missing, &head(), at(4));
+        let step = decide(lock, Ok(()), HolderState::Missing, &head(), at(4));
         assert!(matches!(step, PendingStep::Wait { recheck, .. } if recheck == Duration::from_secs(6)));
-        let step = decide(&lock, Ok(()), HolderState::Missing, &head(), at(10));
+        let step = decide(lock, Ok(()), HolderState::Missing, &head(), at(10));
         assert!(matches!(step, PendingStep::Fail { reason: "Timeout", .. }));
         // once it exists, the head acquires
-        let step = decide(&lock, Ok(()), HolderState::Running, &head(), at(4));
+        let step = decide(lock, Ok(()), HolderState::Running, &head(), at(4));
         assert!(matches!(step, PendingStep::Acquire { .. }));
     }
 
     #[test]
     fn a_gated_request_whose_job_is_gone_is_deleted() {
-        let mut lock = created_at_zero();
-        lock.spec.holder_ref = Some(HolderRef {
-            kind: HolderKind::Job,
-            name: "j".into(),
-        });
+        let mut lock = held_by_job(created_at_zero(), "j");
         lock.metadata.owner_references = Some(vec![k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
             api_version: "batch/v1".into(),
             kind: "Job".into(),

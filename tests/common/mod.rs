@@ -280,6 +280,18 @@ impl Setup {
             .unwrap_or_else(|e| panic!("create {name}: {e}"))
     }
 
+    pub async fn pending_at(&self, name: &str, position: i32) -> kube_lock_manager::crd::DistributedLock {
+        await_lock(&self.api, name, &format!("Pending at position {position}"), WAIT, |l| {
+            phase_of(l) == Some(kube_lock_manager::crd::Phase::Pending)
+                && l.status.as_ref().and_then(|s| s.waiting_position) == Some(position)
+        })
+        .await
+    }
+
+    pub async fn delete(&self, name: &str) {
+        self.api.delete(name, &Default::default()).await.unwrap();
+    }
+
     pub async fn granted(&self, name: &str) -> kube_lock_manager::crd::DistributedLock {
         await_lock(&self.api, name, "Granted", WAIT, |l| {
             phase_of(l) == Some(kube_lock_manager::crd::Phase::Granted)
@@ -305,6 +317,25 @@ impl Setup {
         })
         .await
     }
+}
+
+/// Marks a Job complete through its status subresource, as the Job controller would.
+pub async fn complete_job(jobs: &kube::Api<k8s_openapi::api::batch::v1::Job>, name: &str) {
+    let now = chrono::Utc::now().to_rfc3339();
+    let status = serde_json::json!({"status": {
+        "startTime": now, "completionTime": now, "succeeded": 1,
+        "conditions": [
+            {"type": "SuccessCriteriaMet", "status": "True", "lastProbeTime": now, "lastTransitionTime": now},
+            {"type": "Complete", "status": "True", "lastProbeTime": now, "lastTransitionTime": now}
+        ]
+    }});
+    jobs.patch_status(
+        name,
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(&status),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("mark {name} complete: {e}"));
 }
 
 /// The condition of a request's status with this type.
