@@ -431,7 +431,7 @@ async fn with_lock_keeps_a_short_lease_alive_through_a_longer_function() {
             tokio::time::sleep(Duration::from_millis(600)).await;
             // past the original 500 ms the lock is still ours
             let now = checker.get(&id2).await.unwrap();
-            Ok::<_, String>(now.map(|l| l.token) == Some(lock.token) && Utc::now() > lock.expires_at)
+            Ok::<_, String>(now.map(|l| l.token) == Some(lock.token.clone()) && Utc::now() > lock.expires_at)
         })
         .await
         .unwrap();
@@ -464,7 +464,8 @@ async fn index_assets_have_the_right_mappings_and_settings_and_are_not_recreated
         .json()
         .await
         .unwrap();
-    let index_settings = &settings[client.index()]["settings"]["index"];
+    let concrete = format!("{prefix}-000001");
+    let index_settings = &settings[&concrete]["settings"]["index"];
     assert_eq!(index_settings["number_of_shards"], "1");
     assert_eq!(index_settings["auto_expand_replicas"], "0-1");
     assert_eq!(index_settings["hidden"], "true");
@@ -495,36 +496,110 @@ async fn index_assets_have_the_right_mappings_and_settings_and_are_not_recreated
         .await
         .unwrap();
     assert_eq!(
-        settings[again.index()]["settings"]["index"]["uuid"],
-        uuid,
+        settings[&concrete]["settings"]["index"]["uuid"], uuid,
         "index not recreated"
     );
 }
 
 #[tokio::test]
-async fn index_with_wrong_mappings_is_recreated() {
+async fn an_index_with_a_wrong_token_mapping_is_refused_and_its_documents_kept() {
     let Some(url) = common::es_url() else { return };
     let prefix = common::unique("broken");
     let client = common::lock_client(&url, &prefix);
+    let index = format!("{prefix}-000001");
     let created = client
         .elasticsearch()
         .indices()
-        .create(IndicesCreateParts::Index(client.index()))
-        .body(json!({"mappings": {"properties": {"token": {"type": "text"}, "expiresAt": {"type": "long"}}}}))
+        .create(IndicesCreateParts::Index(&index))
+        .body(json!({"mappings": {"properties": {"token": {"type": "text"}, "expiresAt": {"type": "date"}}}}))
         .send()
         .await
         .unwrap();
     assert!(created.status_code().is_success());
+    let put = client
+        .elasticsearch()
+        .index(elasticsearch::IndexParts::IndexId(&index, "precious"))
+        .body(json!({"token": "t", "expiresAt": "2999-01-01T00:00:00Z"}))
+        .refresh(elasticsearch::params::Refresh::True)
+        .send()
+        .await
+        .unwrap();
+    assert!(put.status_code().is_success());
+
+    let err = client
+        .acquire("x", Duration::from_secs(30), json!({}))
+        .await
+        .expect_err("an index with a text token is refused");
+    assert!(matches!(err, LockError::Index { .. }), "{err:?}");
+    let text = err.to_string();
     assert!(
-        client
-            .acquire("x", Duration::from_secs(30), json!({}))
-            .await
-            .unwrap()
-            .is_some()
+        text.contains(&index) && text.contains("\"token\"") && text.contains("text"),
+        "{text}"
     );
+    let doc: Value = client
+        .elasticsearch()
+        .get(GetParts::IndexId(&index, "precious"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(doc["found"], true, "the index and its documents are still there");
     let mappings = client.assets().current_mappings().await.unwrap().unwrap();
-    assert_eq!(mappings["properties"]["token"]["type"], "keyword");
-    assert_eq!(mappings["properties"]["expiresAt"]["type"], "date");
+    assert_eq!(mappings["properties"]["token"]["type"], "text", "nothing was changed");
+}
+
+#[tokio::test]
+async fn an_index_missing_our_extra_fields_is_repaired_in_place() {
+    let Some(url) = common::es_url() else { return };
+    let prefix = common::unique("kibana-like");
+    let client = common::lock_client(&url, &prefix);
+    let index = format!("{prefix}-000001");
+    // Kibana's own mappings: no holder, no fencingToken
+    let created = client
+        .elasticsearch()
+        .indices()
+        .create(IndicesCreateParts::Index(&index))
+        .body(json!({"mappings": {"dynamic": false, "properties": {
+            "token": {"type": "keyword"}, "createdAt": {"type": "date"},
+            "expiresAt": {"type": "date"}, "metadata": {"type": "object", "enabled": false}}}}))
+        .send()
+        .await
+        .unwrap();
+    assert!(created.status_code().is_success());
+    let uuid = index_uuid(&client, &index).await;
+    let lock = client
+        .acquire("x", Duration::from_secs(30), json!({}))
+        .await
+        .unwrap()
+        .expect("the repaired index grants");
+    assert_eq!(client.get("x").await.unwrap().unwrap().token, lock.token);
+    let mappings = client.assets().current_mappings().await.unwrap().unwrap();
+    assert_eq!(mappings["properties"]["fencingToken"]["type"], "long");
+    assert_eq!(mappings["properties"]["holder"]["type"], "keyword");
+    assert_eq!(
+        index_uuid(&client, &index).await,
+        uuid,
+        "repaired in place, not re-created"
+    );
+}
+
+async fn index_uuid(client: &LockClient, index: &str) -> String {
+    let settings: Value = client
+        .elasticsearch()
+        .indices()
+        .get_settings(IndicesGetSettingsParts::Index(&[index]))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    settings[index]["settings"]["index"]["uuid"]
+        .as_str()
+        .unwrap()
+        .to_string()
 }
 
 #[tokio::test]
