@@ -10,8 +10,9 @@ use std::time::Duration;
 use chrono::Utc;
 use elasticsearch::indices::{IndicesCreateParts, IndicesGetSettingsParts};
 use elasticsearch::{GetParts, UpdateParts};
-use kube_lock_manager::engine::EngineArgs;
-use kube_lock_manager::lock::{AcquireRequest, LockClient, LockError, LockManager, WithLockOptions};
+use kube_lock_manager::lock::{
+    AcquireRequest, ExtendOutcome, LockClient, LockError, LockManager, WithLockOptions, validate_lock_id,
+};
 use serde_json::{Value, json};
 
 const PREFIX: &str = "locktest";
@@ -618,79 +619,365 @@ async fn setup_is_safe_from_many_processes_at_once() {
 }
 
 #[tokio::test]
-async fn transient_503s_are_retried_three_times() {
+async fn transient_503s_of_the_acquire_request_are_retried_three_times() {
     let Some(url) = common::es_url() else { return };
-    // Set up the index through the real node first, so only lock calls go through the proxy.
+    // Set up the index through the real node first: the proxy fails only the
+    // acquire's `POST /<alias>/_update/<id>`.
     client(&url).ensure_ready().await.unwrap();
     for (failures, should_succeed) in [(3, true), (4, false)] {
-        let proxy = FlakyProxy::start(&url, failures).await;
-        let args = EngineArgs {
-            index_prefix: PREFIX.into(),
-            ..EngineArgs::for_url(&proxy.url)
-        };
-        let flaky = LockClient::from_args(&args).unwrap();
-        // assets go through the proxy too, but the proxy only fails the first requests
+        let proxy = common::FlakyProxy::start(&url, failures, common::lock_updates(PREFIX)).await;
+        let flaky = common::lock_client(&proxy.url, PREFIX);
+        flaky.ensure_ready().await.expect("setup is not failed by the proxy");
+        assert_eq!(proxy.failed(), 0);
         let id = common::unique("flaky");
         let result = flaky.acquire(&id, Duration::from_secs(30), json!({})).await;
         if should_succeed {
-            assert!(result.unwrap().is_some(), "{failures} transient failures are retried");
+            let lock = result
+                .unwrap()
+                .expect("3 transient failures of the acquire are retried");
+            assert_eq!(client(&url).get(&id).await.unwrap().unwrap().token, lock.token);
         } else {
             let err = result.unwrap_err();
             assert!(matches!(err, LockError::Unavailable { attempts: 4, .. }), "{err}");
             assert!(err.to_string().contains("503"), "the cause is named: {err}");
+            assert!(client(&url).get(&id).await.unwrap().is_none(), "nothing was granted");
         }
-        assert_eq!(proxy.failed(), failures);
+        assert_eq!(proxy.failed(), failures, "the failures hit the acquire request");
     }
 }
 
-/// A loopback HTTP proxy to the search node that answers 503 to its first N requests.
-struct FlakyProxy {
-    url: String,
-    failed: Arc<AtomicUsize>,
+#[tokio::test]
+async fn an_expired_lease_is_not_extended_and_its_holder_is_told() {
+    let Some(url) = common::es_url() else { return };
+    let client = client(&url);
+    let id = common::unique("extend-expired");
+    let lock = client
+        .acquire(&id, Duration::from_secs(1), json!({}))
+        .await
+        .unwrap()
+        .unwrap();
+    common::eventually("the lease to run out", Duration::from_secs(5), || async {
+        client.get(&id).await.unwrap().is_none().then_some(())
+    })
+    .await;
+    let outcome = client
+        .extend_lease(&id, &lock.token, Duration::from_secs(30), Some(lock.fencing_token))
+        .await
+        .unwrap();
+    assert_eq!(outcome, ExtendOutcome::Expired, "an expired lease is not revived");
+    // without the fencing token (the CLI's path) too
+    let outcome = client
+        .extend_lease(&id, &lock.token, Duration::from_secs(30), None)
+        .await
+        .unwrap();
+    assert_eq!(outcome, ExtendOutcome::Expired);
+    assert!(
+        !client
+            .extend(&id, &lock.token, Duration::from_secs(30), None)
+            .await
+            .unwrap()
+    );
+    assert!(client.get(&id).await.unwrap().is_none(), "still expired");
+    let outcome = client
+        .extend_lease(&id, "another-token", Duration::from_secs(30), None)
+        .await
+        .unwrap();
+    assert_eq!(outcome, ExtendOutcome::NotHeld);
+    // the next waiter is served
+    assert!(
+        client
+            .acquire(&id, Duration::from_secs(30), json!({}))
+            .await
+            .unwrap()
+            .is_some()
+    );
 }
 
-impl FlakyProxy {
-    async fn start(upstream: &str, failures: usize) -> Self {
-        use axum::body::Bytes;
-        use axum::http::{HeaderMap, Method, StatusCode, Uri};
-        let failed = Arc::new(AtomicUsize::new(0));
-        let upstream = upstream.trim_end_matches('/').to_string();
-        let http = reqwest::Client::new();
-        let counter = failed.clone();
-        let app = axum::Router::new().fallback(move |method: Method, uri: Uri, headers: HeaderMap, body: Bytes| {
-            let counter = counter.clone();
-            let http = http.clone();
-            let upstream = upstream.clone();
-            async move {
-                if counter.fetch_add(1, Ordering::SeqCst) < failures {
-                    return (
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        HeaderMap::new(),
-                        Bytes::from_static(b"unavailable"),
-                    );
-                }
-                counter.fetch_sub(1, Ordering::SeqCst);
-                let target = format!("{upstream}{}", uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"));
-                let mut request = http.request(method, target).body(body);
-                if let Some(ct) = headers.get("content-type") {
-                    request = request.header("content-type", ct);
-                }
-                let response = request.send().await.unwrap();
-                let status = response.status();
-                let mut out = HeaderMap::new();
-                if let Some(ct) = response.headers().get("content-type") {
-                    out.insert("content-type", ct.clone());
-                }
-                (status, out, response.bytes().await.unwrap())
-            }
-        });
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        tokio::spawn(async move { axum::serve(listener, app).await });
-        Self { url, failed }
-    }
+#[tokio::test]
+async fn a_lease_renewal_reports_lost_when_its_lease_expired() {
+    let Some(url) = common::es_url() else { return };
+    let client = client(&url);
+    let id = common::unique("lease-expired");
+    let lock = client
+        .acquire(&id, Duration::from_millis(400), json!({}))
+        .await
+        .unwrap()
+        .unwrap();
+    common::eventually("the lease to run out", Duration::from_secs(5), || async {
+        client.get(&id).await.unwrap().is_none().then_some(())
+    })
+    .await;
+    // renewals every ttl/4 = 1 s start only after the lease ran out
+    let lease = kube_lock_manager::lock::Lease::start(
+        client.clone(),
+        lock,
+        Duration::from_secs(4),
+        std::time::SystemTime::now(),
+    );
+    let mut lost = lease.lost_signal();
+    tokio::time::timeout(Duration::from_secs(10), lost.wait_for(|l| *l))
+        .await
+        .expect("the lease reports lost")
+        .unwrap();
+    assert!(lease.is_lost());
+    lease.stop().await;
+}
 
-    fn failed(&self) -> usize {
-        self.failed.load(Ordering::SeqCst)
+#[tokio::test]
+async fn every_printable_ascii_id_round_trips_or_is_refused() {
+    let Some(url) = common::es_url() else { return };
+    let client = client(&url);
+    let base = common::unique("ascii");
+    for c in (0x20u8..0x7f).map(char::from) {
+        let id = format!("{base}a{c}b");
+        let result = client.acquire(&id, Duration::from_secs(30), json!({})).await;
+        if validate_lock_id(&id).is_ok() {
+            let lock = result
+                .unwrap_or_else(|e| panic!("{id:?} is valid but failed: {e}"))
+                .unwrap_or_else(|| panic!("{id:?} not acquired"));
+            assert_eq!(lock.lock_id, id);
+            let seen = client.get(&id).await.unwrap().unwrap_or_else(|| panic!("get {id:?}"));
+            assert_eq!(
+                (seen.lock_id.as_str(), seen.token.as_str()),
+                (id.as_str(), lock.token.as_str())
+            );
+            assert_eq!(raw_document(&client, &id).await.unwrap()["token"], lock.token.as_str());
+            assert!(client.release(&id, &lock.token).await.unwrap(), "{id:?}");
+        } else {
+            let err = result.expect_err(&id);
+            assert!(
+                matches!(err, LockError::InvalidLockId(ref bad) if *bad == id),
+                "{id:?}: {err}"
+            );
+        }
     }
+    for bad in [".", "..", "ns/..", "ns/.", "../x", "a/../b"] {
+        let err = client
+            .acquire(bad, Duration::from_secs(30), json!({}))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, LockError::InvalidLockId(_)), "{bad:?}: {err}");
+        assert!(client.get(bad).await.is_err(), "{bad:?}");
+    }
+    // slashes and dots inside one id stay one document id
+    for id in [format!("{base}/x"), format!("{base}/..x"), format!("{base}:y/z.")] {
+        let lock = client
+            .acquire(&id, Duration::from_secs(30), json!({}))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(client.get(&id).await.unwrap().unwrap().token, lock.token, "{id}");
+    }
+}
+
+#[tokio::test]
+async fn a_retried_acquire_with_the_same_token_keeps_its_fencing_token() {
+    let Some(url) = common::es_url() else { return };
+    let client = client(&url);
+    let id = common::unique("retry-fencing");
+    // another key's grants move the shard's _seq_no between the attempts
+    let noise = common::unique("noise");
+    let req = AcquireRequest::new(&id, Duration::from_secs(30), json!({"try": 1}));
+    let first = client.try_acquire(&req).await.unwrap().unwrap();
+    for attempt in 2..5 {
+        let other = client
+            .acquire(&noise, Duration::from_secs(30), json!({}))
+            .await
+            .unwrap()
+            .unwrap();
+        client.release(&noise, &other.token).await.unwrap();
+        let again = client
+            .try_acquire(&req)
+            .await
+            .unwrap()
+            .expect("our own token re-acquires");
+        assert_eq!(again.token, first.token);
+        assert_eq!(
+            again.fencing_token, first.fencing_token,
+            "attempt {attempt} keeps the grant's fencing token"
+        );
+        let seen = client.get(&id).await.unwrap().unwrap();
+        assert_eq!(seen.fencing_token, first.fencing_token, "get agrees");
+    }
+    assert!(
+        client
+            .extend(&id, &first.token, Duration::from_secs(30), None)
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        client.get(&id).await.unwrap().unwrap().fencing_token,
+        first.fencing_token
+    );
+    assert!(client.release(&id, &first.token).await.unwrap());
+    let next = client
+        .acquire(&id, Duration::from_secs(30), json!({}))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        next.fencing_token > first.fencing_token,
+        "{} > {}",
+        next.fencing_token,
+        first.fencing_token
+    );
+}
+
+#[tokio::test]
+async fn overlapping_prefixes_coexist_on_one_cluster() {
+    let Some(url) = common::es_url() else { return };
+    let prefix = common::unique("p");
+    let staging_prefix = format!("{prefix}-staging");
+    let prod = common::lock_client(&url, &prefix);
+    let staging = common::lock_client(&url, &staging_prefix);
+    // set up in both orders of a fresh process
+    staging.ensure_ready().await.expect("the longer prefix sets up");
+    prod.ensure_ready()
+        .await
+        .expect("the shorter prefix sets up next to it");
+    common::lock_client(&url, &staging_prefix)
+        .ensure_ready()
+        .await
+        .expect("and again");
+    let a = prod
+        .acquire("shared", Duration::from_secs(30), json!({"env": "prod"}))
+        .await
+        .unwrap()
+        .unwrap();
+    let b = staging
+        .acquire("shared", Duration::from_secs(30), json!({"env": "staging"}))
+        .await
+        .unwrap()
+        .expect("the same id in the other deployment is a different lock");
+    assert_eq!(prod.get("shared").await.unwrap().unwrap().token, a.token);
+    assert_eq!(staging.get("shared").await.unwrap().unwrap().token, b.token);
+    let only_prod = prod
+        .acquire("prod-only", Duration::from_secs(30), json!({}))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        staging.get("prod-only").await.unwrap().is_none(),
+        "staging sees only its own locks"
+    );
+    assert_eq!(prod.get("prod-only").await.unwrap().unwrap().token, only_prod.token);
+}
+
+#[tokio::test]
+async fn a_lock_index_recreated_under_a_running_client_is_refused() {
+    let Some(url) = common::es_url() else { return };
+    let prefix = common::unique("recreated");
+    let client = common::lock_client(&url, &prefix);
+    let held = client
+        .acquire("a", Duration::from_secs(30), json!({}))
+        .await
+        .unwrap()
+        .unwrap();
+    let index = format!("{prefix}-000001");
+    common::delete_index(&client, &index).await;
+    // re-created by hand, alias and all, as a snapshot restore would: its
+    // sequence numbers start again
+    let created = client
+        .elasticsearch()
+        .indices()
+        .create(IndicesCreateParts::Index(&index))
+        .body(json!({"mappings": kube_lock_manager::lock::lock_mappings(), "aliases": {prefix.clone(): {}}}))
+        .send()
+        .await
+        .unwrap();
+    assert!(created.status_code().is_success());
+    for (who, c) in [("running", &client), ("fresh", &common::lock_client(&url, &prefix))] {
+        let err = c
+            .acquire("b", Duration::from_secs(30), json!({}))
+            .await
+            .expect_err("no grant from a replaced index");
+        assert!(matches!(err, LockError::FencingUnproven { .. }), "{who}: {err}");
+        assert_eq!(err.category(), "fencing");
+        assert!(err.to_string().contains("lockctl index recover"), "{err}");
+    }
+    // the old holder's token means nothing in the new index
+    assert!(!client.release("a", &held.token).await.unwrap_or(false));
+}
+
+#[tokio::test]
+async fn with_lock_releases_when_the_function_panics() {
+    let Some(url) = common::es_url() else { return };
+    let client = client(&url);
+    let id = common::unique("withlock-panic");
+    let (started_tx, started) = tokio::sync::oneshot::channel();
+    let task = {
+        let client = client.clone();
+        let id = id.clone();
+        tokio::spawn(async move {
+            client
+                .with_lock(&id, WithLockOptions::default(), |lock| async move {
+                    started_tx.send(lock.token.clone()).unwrap();
+                    if lock.fencing_token > 0 {
+                        panic!("the function panics");
+                    }
+                    Ok::<_, String>(())
+                })
+                .await
+        })
+    };
+    let token = started.await.expect("the function ran");
+    assert!(task.await.unwrap_err().is_panic());
+    // far sooner than the 30 s TTL
+    common::eventually("the lock to be released", Duration::from_secs(5), || async {
+        client.get(&id).await.unwrap().is_none().then_some(())
+    })
+    .await;
+    assert!(
+        raw_document(&client, &id).await.is_none(),
+        "released, not expired ({token})"
+    );
+}
+
+#[tokio::test]
+async fn with_lock_releases_when_its_future_is_dropped() {
+    let Some(url) = common::es_url() else { return };
+    let client = client(&url);
+    let id = common::unique("withlock-drop");
+    let (started_tx, mut started) = tokio::sync::mpsc::unbounded_channel();
+    let run = client.with_lock(&id, WithLockOptions::default(), |lock| async move {
+        started_tx.send(lock.token.clone()).unwrap();
+        std::future::pending::<()>().await;
+        Ok::<_, String>(())
+    });
+    assert!(tokio::time::timeout(Duration::from_millis(500), run).await.is_err());
+    assert!(started.recv().await.is_some(), "the function ran");
+    common::eventually("the lock to be released", Duration::from_secs(5), || async {
+        client.get(&id).await.unwrap().is_none().then_some(())
+    })
+    .await;
+    assert!(raw_document(&client, &id).await.is_none(), "released, not expired");
+}
+
+#[tokio::test]
+async fn with_lock_tells_the_function_when_its_lock_was_lost() {
+    let Some(url) = common::es_url() else { return };
+    let client = client(&url);
+    let other = common::lock_client(&url, PREFIX);
+    let id = common::unique("withlock-lost");
+    let options = WithLockOptions {
+        ttl: Duration::from_secs(1),
+        ..WithLockOptions::default()
+    };
+    let lost = client
+        .with_lock(&id, options, |lock| async move {
+            assert!(!lock.is_lost());
+            // someone releases it by token (an admin, a bug) and takes it
+            assert!(other.release(&lock.lock_id, &lock.token).await.unwrap());
+            other
+                .acquire(&lock.lock_id, Duration::from_secs(30), json!({}))
+                .await
+                .unwrap()
+                .unwrap();
+            let mut signal = lock.lost();
+            let seen = tokio::time::timeout(Duration::from_secs(5), signal.wait_for(|l| *l)).await;
+            Ok::<_, String>(seen.is_ok() && lock.is_lost())
+        })
+        .await
+        .unwrap();
+    assert!(lost, "the function learned that the lock was lost");
 }
