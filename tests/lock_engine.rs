@@ -981,3 +981,29 @@ async fn with_lock_tells_the_function_when_its_lock_was_lost() {
         .unwrap();
     assert!(lost, "the function learned that the lock was lost");
 }
+
+#[tokio::test]
+async fn an_older_deployments_wildcard_template_does_not_stop_setup() {
+    let Some(url) = common::es_url() else { return };
+    let prefix = common::unique("legacy");
+    let old = common::lock_client(&url, &prefix);
+    // what the previous version installed: pattern `<prefix>*`, priority 500
+    let put = old
+        .elasticsearch()
+        .indices()
+        .put_index_template(elasticsearch::indices::IndicesPutIndexTemplateParts::Name(&format!(
+            "{prefix}-old-template"
+        )))
+        .body(json!({"index_patterns": [format!("{prefix}*")], "priority": 500}))
+        .send()
+        .await
+        .unwrap();
+    assert!(put.status_code().is_success());
+    let staging = common::lock_client(&url, &format!("{prefix}-staging"));
+    let lock = staging
+        .acquire("x", Duration::from_secs(30), json!({}))
+        .await
+        .unwrap()
+        .expect("setup and grant despite the overlapping template");
+    assert_eq!(staging.get("x").await.unwrap().unwrap().token, lock.token);
+}

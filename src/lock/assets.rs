@@ -5,32 +5,32 @@
 //! Layout for prefix `p`: lock documents live in `p-000001` (or a later
 //! generation made by `lockctl index recover`), always addressed through the
 //! alias `p` with `require_alias`, so a write never re-creates a deleted
-//! index. The index template `p-template` matches exactly the current
-//! concrete index (so overlapping prefixes never collide) and records its
-//! UUID (see [`super::lineage`]).
+//! index. The component template `p-mappings` holds the mappings and records
+//! the UUID of the index setup created (see [`super::lineage`]); the index
+//! template `p-template` matches exactly the current concrete index, so
+//! overlapping prefixes never collide.
 
 use std::time::Duration;
 
 use elasticsearch::Elasticsearch;
-use elasticsearch::cluster::ClusterPutComponentTemplateParts;
+use elasticsearch::cluster::{ClusterGetComponentTemplateParts, ClusterPutComponentTemplateParts};
 use elasticsearch::http::StatusCode;
 use elasticsearch::indices::{
-    IndicesCreateParts, IndicesGetIndexTemplateParts, IndicesGetParts, IndicesGetSettingsParts,
-    IndicesPutIndexTemplateParts, IndicesPutMappingParts,
+    IndicesCreateParts, IndicesGetParts, IndicesGetSettingsParts, IndicesPutIndexTemplateParts, IndicesPutMappingParts,
 };
 use elasticsearch::params::ExpandWildcards;
 use serde_json::{Value, json};
 
 use super::error::LockError;
-use super::lineage::{Concrete, Lineage, SetupStep, generation, index_name, next_setup_step};
+use super::lineage::{Concrete, Lineage, SetupStep, index_name, next_setup_step};
 use super::mappings::{lock_mappings, missing_lock_fields};
 use super::transport::{Answer, expect_success, send_with_retry};
 
 /// The index assets of one prefix: templates, alias and concrete index.
 #[derive(Clone, Debug)]
 pub struct IndexAssets {
-    es: Elasticsearch,
-    prefix: String,
+    pub(super) es: Elasticsearch,
+    pub(super) prefix: String,
 }
 
 /// The index grants go to, as verified by setup.
@@ -42,20 +42,6 @@ pub struct IndexState {
     pub uuid: String,
     /// Added to every fencing token: tokens of this index are all above it.
     pub fencing_floor: u64,
-}
-
-/// What `lockctl index status` shows.
-#[derive(Clone, Debug, serde::Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct IndexStatus {
-    pub alias: String,
-    pub index: Option<String>,
-    pub uuid: Option<String>,
-    pub fencing_floor: Option<u64>,
-    pub recorded_index: Option<String>,
-    pub recorded_uuid: Option<String>,
-    pub grants_allowed: bool,
-    pub problem: Option<String>,
 }
 
 impl IndexAssets {
@@ -87,16 +73,15 @@ impl IndexAssets {
     /// replaced, with [`LockError::Index`] when its mappings are wrong.
     #[tracing::instrument(skip(self), fields(alias = %self.prefix))]
     pub async fn ensure(&self) -> Result<IndexState, LockError> {
-        self.put_component_template().await?;
-        let (lineage, template) = self.lineage().await?;
+        let (lineage, component) = self.lineage().await?;
         let mut current = self.resolve(lineage.as_ref()).await?;
         match next_setup_step(lineage.as_ref(), current.as_ref()) {
             SetupStep::Refuse { index, reason } => return Err(LockError::FencingUnproven { index, reason }),
             SetupStep::UseRecorded | SetupStep::Adopt => {}
             SetupStep::CreateFirst => {
-                // create=true: never overwrite a lineage another process just recorded
-                self.put_index_template(None, &index_name(&self.prefix, 1), true)
-                    .await?;
+                // create-only: never overwrite a lineage another process just recorded
+                self.put_component_template(None, true).await?;
+                self.put_index_template(&index_name(&self.prefix, 1)).await?;
                 self.create_index(&index_name(&self.prefix, 1), 0, true).await?;
                 current = self.resolve(None).await?;
             }
@@ -118,83 +103,14 @@ impl IndexAssets {
             index: current.index.clone(),
             uuid: current.uuid.clone(),
         };
-        if lineage.as_ref() != Some(&recorded) || !template_is_current(&template, &current.index) {
-            self.put_index_template(Some(&recorded), &current.index, false).await?;
+        if lineage.as_ref() != Some(&recorded) || component["_meta"]["mappingsVersion"] != MAPPINGS_VERSION {
+            self.put_component_template(Some(&recorded), false).await?;
         }
+        self.put_index_template(&current.index).await?;
         Ok(IndexState {
             index: current.index.clone(),
             uuid: current.uuid.clone(),
             fencing_floor: current.fencing_floor(),
-        })
-    }
-
-    /// Where grants would go and whether they are allowed.
-    pub async fn status(&self) -> Result<IndexStatus, LockError> {
-        let (lineage, _) = self.lineage().await?;
-        let current = self.resolve(lineage.as_ref()).await?;
-        let problem = match next_setup_step(lineage.as_ref(), current.as_ref()) {
-            SetupStep::Refuse { reason, .. } => Some(reason),
-            SetupStep::CreateFirst => Some("not set up yet (the first acquire sets it up)".into()),
-            SetupStep::Adopt | SetupStep::UseRecorded => {
-                current.as_ref().and_then(|c| missing_lock_fields(&c.mappings).err())
-            }
-        };
-        Ok(IndexStatus {
-            alias: self.prefix.clone(),
-            index: current.as_ref().map(|c| c.index.clone()),
-            uuid: current.as_ref().map(|c| c.uuid.clone()),
-            fencing_floor: current.as_ref().map(Concrete::fencing_floor),
-            recorded_index: lineage.as_ref().map(|l| l.index.clone()),
-            recorded_uuid: lineage.as_ref().map(|l| l.uuid.clone()),
-            grants_allowed: problem.is_none(),
-            problem,
-        })
-    }
-
-    /// After the lock index was deleted, re-created or restored: creates the
-    /// next generation of the index whose fencing tokens all exceed `floor`,
-    /// points the alias at it and records it. `floor` must be at least the
-    /// highest fencing token ever handed out. Refused while grants are allowed.
-    pub async fn recover(&self, floor: u64) -> Result<IndexState, LockError> {
-        self.put_component_template().await?;
-        let (lineage, _) = self.lineage().await?;
-        let current = self.resolve(lineage.as_ref()).await?;
-        if next_setup_step(lineage.as_ref(), current.as_ref()) == SetupStep::UseRecorded {
-            let c = current.as_ref().map(|c| c.index.clone()).unwrap_or_default();
-            return Err(LockError::Index {
-                index: c,
-                message: "grants are allowed on it; there is nothing to recover".into(),
-            });
-        }
-        let existing = self.generations().await?;
-        let next = existing
-            .iter()
-            .chain(lineage.iter().map(|l| &l.index))
-            .filter_map(|name| generation(&self.prefix, name))
-            .max()
-            .unwrap_or(0)
-            + 1;
-        let name = index_name(&self.prefix, next);
-        self.put_index_template(lineage.as_ref(), &name, false).await?;
-        self.create_index(&name, floor, false).await?;
-        let holders: Vec<String> = existing.into_iter().filter(|i| *i != name).collect();
-        self.point_alias(&holders, &name).await?;
-        let Some(created) = self.concrete(&name).await? else {
-            return Err(LockError::Response {
-                operation: "recover",
-                message: format!("index {name} missing right after creating it"),
-            });
-        };
-        let recorded = Lineage {
-            index: name.clone(),
-            uuid: created.uuid.clone(),
-        };
-        self.put_index_template(Some(&recorded), &name, false).await?;
-        tracing::warn!(index = %name, floor, "lock index recovered; fencing tokens continue above the floor");
-        Ok(IndexState {
-            index: name,
-            uuid: created.uuid.clone(),
-            fencing_floor: created.fencing_floor(),
         })
     }
 
@@ -237,7 +153,7 @@ impl IndexAssets {
         Ok(self.resolve(None).await?.map(|c| c.mappings))
     }
 
-    async fn send<F, Fut>(&self, operation: &'static str, request: F) -> Result<Answer, LockError>
+    pub(super) async fn send<F, Fut>(&self, operation: &'static str, request: F) -> Result<Answer, LockError>
     where
         F: Fn() -> Fut,
         Fut: std::future::Future<Output = Result<elasticsearch::http::response::Response, elasticsearch::Error>>,
@@ -245,14 +161,15 @@ impl IndexAssets {
         send_with_retry(operation, Duration::from_millis(100), request).await
     }
 
-    /// The recorded lineage and the index template as stored.
-    async fn lineage(&self) -> Result<(Option<Lineage>, Value), LockError> {
-        let name = self.index_template();
+    /// The recorded lineage and the component template as stored.
+    pub(crate) async fn lineage(&self) -> Result<(Option<Lineage>, Value), LockError> {
+        let name = self.component_template();
+        let names = [name.as_str()];
         let answer = self
             .send("setup", || async {
                 self.es
-                    .indices()
-                    .get_index_template(IndicesGetIndexTemplateParts::Name(&name))
+                    .cluster()
+                    .get_component_template(ClusterGetComponentTemplateParts::Name(&names))
                     .send()
                     .await
             })
@@ -261,7 +178,7 @@ impl IndexAssets {
             return Ok((None, Value::Null));
         }
         expect_success("setup", &answer)?;
-        let template = answer.body["index_templates"][0]["index_template"].clone();
+        let template = answer.body["component_templates"][0]["component_template"].clone();
         let meta = &template["_meta"];
         let lineage = match (meta["lockIndex"].as_str(), meta["lockIndexUuid"].as_str()) {
             (Some(index), Some(uuid)) => Some(Lineage {
@@ -275,7 +192,7 @@ impl IndexAssets {
 
     /// The index behind the alias; else the recorded one or the first
     /// generation, if it exists (an older version's index has no alias).
-    async fn resolve(&self, lineage: Option<&Lineage>) -> Result<Option<Concrete>, LockError> {
+    pub(super) async fn resolve(&self, lineage: Option<&Lineage>) -> Result<Option<Concrete>, LockError> {
         if let Some(found) = self.concrete(&self.prefix).await? {
             return Ok(Some(found));
         }
@@ -284,7 +201,7 @@ impl IndexAssets {
     }
 
     /// One concrete index by name or alias, or `None`.
-    async fn concrete(&self, name: &str) -> Result<Option<Concrete>, LockError> {
+    pub(super) async fn concrete(&self, name: &str) -> Result<Option<Concrete>, LockError> {
         let names = [name];
         let answer = self
             .send("setup", || async {
@@ -326,75 +243,25 @@ impl IndexAssets {
         }))
     }
 
-    /// Names of every concrete index of this prefix.
-    async fn generations(&self) -> Result<Vec<String>, LockError> {
-        let pattern = [format!("{}-*", self.prefix)];
-        let pattern: Vec<&str> = pattern.iter().map(String::as_str).collect();
-        let answer = self
-            .send("setup", || async {
-                self.es
-                    .indices()
-                    .get_settings(IndicesGetSettingsParts::IndexName(&pattern, &["index.uuid"]))
-                    .expand_wildcards(&[ExpandWildcards::All])
-                    .send()
-                    .await
-            })
-            .await?;
-        expect_success("setup", &answer)?;
-        Ok(answer
-            .body
-            .as_object()
-            .into_iter()
-            .flatten()
-            .map(|(name, _)| name.clone())
-            .filter(|name| generation(&self.prefix, name).is_some())
-            .collect())
-    }
-
-    async fn put_component_template(&self) -> Result<(), LockError> {
+    /// The mappings, and the lineage when known. `create_only` leaves an
+    /// existing one alone.
+    pub(crate) async fn put_component_template(
+        &self,
+        lineage: Option<&Lineage>,
+        create_only: bool,
+    ) -> Result<(), LockError> {
         let component = self.component_template();
+        let mut meta = json!({"managed_by": "kube-lock-manager", "mappingsVersion": MAPPINGS_VERSION});
+        if let Some(l) = lineage {
+            meta["lockIndex"] = json!(l.index);
+            meta["lockIndexUuid"] = json!(l.uuid);
+        }
+        let body = json!({"template": {"mappings": lock_mappings()}, "_meta": meta});
         let answer = self
             .send("setup", || async {
                 self.es
                     .cluster()
                     .put_component_template(ClusterPutComponentTemplateParts::Name(&component))
-                    .body(json!({
-                        "template": {"mappings": lock_mappings()},
-                        "_meta": {"managed_by": "kube-lock-manager"}
-                    }))
-                    .send()
-                    .await
-            })
-            .await?;
-        expect_success("setup", &answer)
-    }
-
-    /// The index template: exactly `index` (no pattern another prefix could
-    /// match), recording `lineage`. `create_only` leaves an existing one alone.
-    async fn put_index_template(
-        &self,
-        lineage: Option<&Lineage>,
-        index: &str,
-        create_only: bool,
-    ) -> Result<(), LockError> {
-        let template = self.index_template();
-        let mut meta = json!({"managed_by": "kube-lock-manager"});
-        if let Some(l) = lineage {
-            meta["lockIndex"] = json!(l.index);
-            meta["lockIndexUuid"] = json!(l.uuid);
-        }
-        let body = json!({
-            "index_patterns": [index],
-            "composed_of": [self.component_template()],
-            "priority": 500,
-            "template": {"settings": index_settings()},
-            "_meta": meta
-        });
-        let answer = self
-            .send("setup", || async {
-                self.es
-                    .indices()
-                    .put_index_template(IndicesPutIndexTemplateParts::Name(&template))
                     .create(create_only)
                     .body(body.clone())
                     .send()
@@ -407,7 +274,44 @@ impl IndexAssets {
         expect_success("setup", &answer)
     }
 
-    async fn create_index(&self, name: &str, floor: u64, with_alias: bool) -> Result<(), LockError> {
+    /// The index template: exactly `index`, so no other prefix's template
+    /// can match it. An older version's overlapping `<other>*` template of
+    /// the same priority makes the engine refuse it; that is only logged:
+    /// the index is created with explicit settings and mappings anyway.
+    pub(crate) async fn put_index_template(&self, index: &str) -> Result<(), LockError> {
+        let template = self.index_template();
+        let body = json!({
+            "index_patterns": [index],
+            "composed_of": [self.component_template()],
+            "priority": 500,
+            "template": {"settings": index_settings()},
+            "_meta": {"managed_by": "kube-lock-manager"}
+        });
+        let answer = self
+            .send("setup", || async {
+                self.es
+                    .indices()
+                    .put_index_template(IndicesPutIndexTemplateParts::Name(&template))
+                    .body(body.clone())
+                    .send()
+                    .await
+            })
+            .await?;
+        if answer.status == StatusCode::BAD_REQUEST {
+            let reason = answer.body["error"]["reason"].as_str().unwrap_or_default();
+            if reason.contains("same priority") {
+                tracing::warn!(
+                    template,
+                    reason,
+                    "index template not updated: another template overlaps it"
+                );
+                return Ok(());
+            }
+        }
+        expect_success("setup", &answer)
+    }
+
+    pub(super) async fn create_index(&self, name: &str, floor: u64, with_alias: bool) -> Result<(), LockError> {
         let mut mappings = lock_mappings();
         mappings["_meta"] = json!({"fencingFloor": floor, "managed_by": "kube-lock-manager"});
         let mut body = json!({"settings": index_settings(), "mappings": mappings});
@@ -459,7 +363,7 @@ impl IndexAssets {
     }
 
     /// Moves the alias from `from` to `to` in one atomic step.
-    async fn point_alias(&self, from: &[String], to: &str) -> Result<(), LockError> {
+    pub(super) async fn point_alias(&self, from: &[String], to: &str) -> Result<(), LockError> {
         let mut actions: Vec<Value> = from
             .iter()
             .map(|index| json!({"remove": {"index": index, "alias": self.prefix}}))
@@ -487,6 +391,5 @@ fn index_settings() -> Value {
     json!({"number_of_shards": 1, "auto_expand_replicas": "0-1", "hidden": true})
 }
 
-fn template_is_current(template: &Value, index: &str) -> bool {
-    template["index_patterns"] == json!([index]) && template["priority"] == 500
-}
+/// Bumped when [`lock_mappings`] change, so setup re-writes the component template.
+const MAPPINGS_VERSION: u64 = 1;

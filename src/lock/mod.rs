@@ -4,16 +4,18 @@
 mod assets;
 mod client;
 mod error;
+mod extend;
 pub mod ids;
 pub mod lineage;
 mod manager;
 mod mappings;
 mod model;
+mod recovery;
 pub mod scripts;
 mod transport;
 mod with_lock;
 
-pub use assets::{IndexAssets, IndexState, IndexStatus};
+pub use assets::{IndexAssets, IndexState};
 pub use client::LockClient;
 pub use error::{LockError, WithLockError};
 pub use ids::{validate_lock_id, validate_lock_id_segment};
@@ -22,6 +24,7 @@ pub use mappings::{lock_mappings, mappings_are_usable, missing_lock_fields};
 pub use model::{
     AcquireRequest, DEFAULT_TTL, ExtendOutcome, Grant, Lock, LockDocument, RawLock, new_token, normalize_metadata,
 };
+pub use recovery::IndexStatus;
 pub use transport::TRANSIENT_RETRIES;
 pub use with_lock::{LockHandle, WithLockOptions};
 
