@@ -162,8 +162,14 @@ impl LockClient {
                         .fencing_token
                         .unwrap_or(implied_fencing(state.fencing_floor, seq_no));
                     // the write must have landed in the index we set up, not
-                    // in one restored from a snapshot since
-                    self.inner.assets.verify(state).await?;
+                    // in one restored from a snapshot since; if not, the
+                    // grant is withdrawn rather than left blocking others
+                    if let Err(e) = self.inner.assets.verify(state).await {
+                        let release = json!({"script": {"lang": "painless", "source": scripts::RELEASE,
+                            "params": {"token": req.token}}});
+                        let _ = self.update("release", &req.lock_id, &release, None).await;
+                        return Err(e);
+                    }
                     return Ok(Some(to_lock(&req.lock_id, doc, fencing)));
                 }
                 Some("noop") if doc.token == req.token && doc.fencing_token.is_none() => {
