@@ -329,10 +329,12 @@ async fn a_deleted_lock_index_refuses_grants_until_an_admin_recovers() {
             matches!(err, kube_lock_manager::lock::LockError::FencingUnproven { .. }),
             "{who}: {err}"
         );
-        // release and get answer without panicking
-        assert!(!c.release("held", &held.token).await.unwrap_or(false), "{who}");
-        let _ = c.get("held").await;
+        // release answers "not held" (its index is gone), get names the problem
+        assert!(!c.release("held", &held.token).await.unwrap(), "{who}");
+        let err = c.get("held").await.expect_err("get names the problem");
+        assert_eq!(err.category(), "fencing", "{who}: {err}");
     }
+    assert_eq!(cli(&["release", "held", "--token", &held.token]).status.code(), Some(1));
     let out = cli(&["acquire", "new"]);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     let err = stderr(&out);

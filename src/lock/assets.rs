@@ -61,9 +61,11 @@ impl IndexAssets {
     pub fn alias(&self) -> &str {
         &self.prefix
     }
+    /// The component template: the mappings and the recorded lineage.
     pub fn component_template(&self) -> String {
         format!("{}-mappings", self.prefix)
     }
+    /// The index template: settings for exactly the current concrete index.
     pub fn index_template(&self) -> String {
         format!("{}-template", self.prefix)
     }

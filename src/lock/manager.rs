@@ -53,6 +53,12 @@ impl Lease {
                         let _ = lost_tx.send(true);
                         return;
                     }
+                    // the index is gone or replaced: so is the lock
+                    Err(e @ LockError::FencingUnproven { .. }) => {
+                        tracing::warn!(lock_id = %lock.lock_id, error = %e, "lock was lost");
+                        let _ = lost_tx.send(true);
+                        return;
+                    }
                     Err(e) => {
                         tracing::warn!(lock_id = %lock.lock_id, error = %e, "could not extend the lock; will retry")
                     }
