@@ -256,7 +256,10 @@ pub async fn exec(args: ExecArgs) -> Result<i32, CliError> {
             Ok(()) = lost.changed(), if !lock_lost => {
                 if *lost.borrow() {
                     lock_lost = true;
-                    eprintln!("lockctl: lock {:?} was lost to another owner; stopping the command", lock.lock_id);
+                    eprintln!(
+                        "lockctl: lock {:?} was lost (its lease ran out or another owner took it); stopping the command",
+                        lock.lock_id
+                    );
                     forward(&child, nix::sys::signal::Signal::SIGTERM);
                 }
             }
@@ -343,7 +346,11 @@ async fn index_status(args: IndexStatusArgs) -> Result<i32, CliError> {
         IndexOutput::Text => {
             let or_none = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
             println!("alias: {}", status.alias);
-            println!("index: {}", or_none(&status.index));
+            match &status.index {
+                Some(index) => println!("index: {index}"),
+                None if status.grants_allowed => println!("index: - (the first acquire creates it)"),
+                None => println!("index: -"),
+            }
             println!("uuid: {}", or_none(&status.uuid));
             println!("recorded uuid: {}", or_none(&status.recorded_uuid));
             println!(

@@ -47,7 +47,8 @@ impl IndexAssets {
         let current = self.resolve(lineage.as_ref()).await?;
         let problem = match next_setup_step(lineage.as_ref(), current.as_ref()) {
             SetupStep::Refuse { reason, .. } => Some(reason),
-            SetupStep::CreateFirst => Some("not set up yet (the first acquire sets it up)".into()),
+            // the first acquire sets it up
+            SetupStep::CreateFirst => None,
             SetupStep::Adopt | SetupStep::UseRecorded => {
                 current.as_ref().and_then(|c| missing_lock_fields(&c.mappings).err())
             }
