@@ -78,7 +78,7 @@ pub struct EngineArgs {
     /// PEM CA bundle that signed the engine's certificate.
     #[arg(long = "es-ca-cert", env = "ELASTICSEARCH_CA_CERT", global = true)]
     pub ca_cert: Option<PathBuf>,
-    /// Prefix of the lock index and its templates (index `<prefix>-000001`).
+    /// Prefix of the lock index and its templates (alias `<prefix>` of index `<prefix>-000001`).
     #[arg(long = "index-prefix", env = "LOCK_INDEX_PREFIX", default_value = DEFAULT_INDEX_PREFIX, global = true)]
     pub index_prefix: String,
     /// Timeout of one request to the engine.

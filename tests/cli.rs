@@ -231,3 +231,173 @@ fn exec_keeps_renewing_a_short_lease_and_forwards_sigterm() {
         "released after SIGTERM"
     );
 }
+
+#[test]
+fn extend_of_an_expired_lease_exits_1_saying_it_expired() {
+    let Some(url) = common::es_url() else { return };
+    let id = common::unique("cli-expired");
+    let out = run(&url, &["acquire", &id, "--ttl", "1s"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let token = stdout(&out);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while run(&url, &["get", &id]).status.code() != Some(1) {
+        assert!(Instant::now() < deadline, "the lease never ran out");
+    }
+    let out = run(&url, &["extend", &id, "--token", &token, "--ttl", "30s"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains("expired"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert_eq!(run(&url, &["get", &id]).status.code(), Some(1), "not revived");
+}
+
+#[test]
+fn printable_ascii_ids_round_trip_or_are_refused_with_exit_2() {
+    let Some(url) = common::es_url() else { return };
+    let base = common::unique("cli-ascii");
+    let mut ids: Vec<String> = (0x20u8..0x7f).map(|c| format!("{base}a{}b", char::from(c))).collect();
+    ids.extend([".", "..", "ns/..", "ns/."].map(String::from));
+    for id in ids {
+        let out = run(&url, &["acquire", &id, "-o", "json"]);
+        let err = stderr(&out);
+        assert!(!err.contains("HTTP 400") && !err.contains("decode"), "{id:?}: {err}");
+        match out.status.code() {
+            Some(0) => {
+                let lock: Value = serde_json::from_str(&stdout(&out)).unwrap();
+                assert_eq!(lock["lockId"], id.as_str());
+                let got = run(&url, &["get", &id]);
+                assert_eq!(got.status.code(), Some(0), "{id:?}: {}", stderr(&got));
+                let seen: Value = serde_json::from_str(&stdout(&got)).unwrap();
+                assert_eq!(
+                    (&seen["lockId"], &seen["token"]),
+                    (&lock["lockId"], &lock["token"]),
+                    "{id:?}"
+                );
+                let token = lock["token"].as_str().unwrap();
+                assert_eq!(run(&url, &["release", &id, "--token", token]).status.code(), Some(0));
+            }
+            Some(2) => {
+                assert!(
+                    err.contains("invalid lock id") && err.contains(&format!("{id:?}")),
+                    "{id:?}: {err}"
+                );
+                assert_eq!(err.lines().count(), 1, "{id:?}: {err}");
+            }
+            other => panic!("{id:?}: exit {other:?}: {err}"),
+        }
+    }
+    for bad in [".", "..", &format!("{base}/..")] {
+        assert_eq!(run(&url, &["acquire", bad]).status.code(), Some(2), "{bad:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_lock_index_refuses_grants_until_an_admin_recovers() {
+    let Some(url) = common::es_url() else { return };
+    let prefix = common::unique("cli-fence");
+    let cli = |args: &[&str]| {
+        let mut cmd = lockctl(&url);
+        cmd.env("LOCK_INDEX_PREFIX", &prefix).args(args);
+        cmd.output().expect("run lockctl")
+    };
+    let client = common::lock_client(&url, &prefix);
+    let held = client
+        .acquire("held", Duration::from_secs(30), serde_json::json!({}))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut old = vec![held.fencing_token];
+    for _ in 0..3 {
+        let lock = client
+            .acquire("busy", Duration::from_secs(30), serde_json::json!({}))
+            .await
+            .unwrap()
+            .unwrap();
+        old.push(lock.fencing_token);
+        client.release("busy", &lock.token).await.unwrap();
+    }
+
+    common::delete_index(&client, &format!("{prefix}-000001")).await;
+
+    let fresh = common::lock_client(&url, &prefix);
+    for (who, c) in [("running", &client), ("fresh", &fresh)] {
+        let err = c
+            .acquire("new", Duration::from_secs(30), serde_json::json!({}))
+            .await
+            .expect_err("no grant after the index was deleted");
+        assert!(
+            matches!(err, kube_lock_manager::lock::LockError::FencingUnproven { .. }),
+            "{who}: {err}"
+        );
+        // release answers "not held" (its index is gone), get names the problem
+        assert!(!c.release("held", &held.token).await.unwrap(), "{who}");
+        let err = c.get("held").await.expect_err("get names the problem");
+        assert_eq!(err.category(), "fencing", "{who}: {err}");
+    }
+    assert_eq!(cli(&["release", "held", "--token", &held.token]).status.code(), Some(1));
+    let out = cli(&["acquire", "new"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains("lockctl index recover --fencing-floor"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    let out = cli(&["index", "status"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    assert!(stdout(&out).contains("grants: refused"), "{}", stdout(&out));
+    assert_eq!(
+        run(&url, &["get", "held"]).status.code(),
+        Some(1),
+        "another prefix is unaffected"
+    );
+
+    let floor = old.iter().max().unwrap() + 1000;
+    let out = cli(&["index", "recover", "--fencing-floor", &floor.to_string()]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let out = cli(&["index", "status", "-o", "json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
+    let status: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(status["grantsAllowed"], true);
+    assert_eq!(status["fencingFloor"], floor);
+
+    for (who, c) in [("running", &client), ("fresh", &fresh)] {
+        let lock = c
+            .acquire(&format!("after-{who}"), Duration::from_secs(30), serde_json::json!({}))
+            .await
+            .unwrap()
+            .expect("granted after recovery");
+        assert!(lock.fencing_token > floor, "{who}: {} > {floor}", lock.fencing_token);
+    }
+    let out = cli(&["acquire", "held", "-o", "json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let lock: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let fencing = lock["fencingToken"].as_u64().unwrap();
+    assert!(
+        fencing > floor && old.iter().all(|o| *o < floor),
+        "{fencing} > {floor} > {old:?}"
+    );
+    let out = cli(&["index", "recover", "--fencing-floor", "1"]);
+    assert_eq!(out.status.code(), Some(2), "nothing to recover while granting");
+    assert!(stderr(&out).contains("nothing to recover"), "{}", stderr(&out));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acquire_exits_2_when_the_acquire_request_keeps_failing() {
+    let Some(url) = common::es_url() else { return };
+    let prefix = common::unique("cli-flaky");
+    common::lock_client(&url, &prefix).ensure_ready().await.unwrap();
+    for (failures, code) in [(3, 0), (4, 2)] {
+        let proxy = common::FlakyProxy::start(&url, failures, common::lock_updates(&prefix)).await;
+        let mut cmd = lockctl(&proxy.url);
+        cmd.env("LOCK_INDEX_PREFIX", &prefix)
+            .args(["acquire", &common::unique("flaky")]);
+        let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+            .await
+            .unwrap();
+        assert_eq!(out.status.code(), Some(code), "{failures} failures: {}", stderr(&out));
+        if code == 2 {
+            let err = stderr(&out);
+            assert!(err.contains("unreachable") && err.contains("503"), "{err}");
+            assert_eq!(err.lines().count(), 1, "{err}");
+        }
+        assert_eq!(proxy.failed(), failures);
+    }
+}

@@ -39,6 +39,8 @@ fn lock_id() -> impl Strategy<Value = String> {
         Just("x".repeat(513)),
         Just("a b".into()),
         Just("ünïcödé".into()),
+        Just(".".into()),
+        Just("..".into()),
     ]
 }
 
@@ -51,6 +53,7 @@ fn ttl() -> impl Strategy<Value = String> {
         Just("0s".into()),
         Just("25h".into()),
         Just("-1s".into()),
+        Just("8761h".into()),
     ]
 }
 
@@ -71,7 +74,8 @@ proptest! {
     #[test]
     fn lock_ids_are_refused_with_their_name(id in lock_id()) {
         let ok = !id.is_empty() && id.len() <= 512
-            && id.bytes().all(|b| b.is_ascii_alphanumeric() || b".-_:/".contains(&b));
+            && id.bytes().all(|b| b.is_ascii_alphanumeric() || b".-_:/".contains(&b))
+            && !id.split('/').any(|part| part == "." || part == "..");
         match validate_lock_id(&id) {
             Ok(()) => prop_assert!(ok),
             Err(e) => {
@@ -218,12 +222,19 @@ fn cli_handles_non_utf8_deep_and_huge_input() {
 }
 
 /// What the API server should accept, by the contract.
-fn crd_accepts(lock_id: &str, ttl: Option<&str>) -> bool {
+fn crd_accepts(lock_id: &str, ttl: Option<&str>, priority: Option<i64>, acquire_timeout: Option<&str>) -> bool {
     let id_ok = !lock_id.is_empty()
         && lock_id.chars().count() <= 200
+        && lock_id != "."
+        && lock_id != ".."
         && lock_id
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"._:-".contains(&b));
+    let priority_ok = priority.is_none_or(|p| i32::try_from(p).is_ok());
+    let timeout_ok = acquire_timeout.is_none_or(|t| {
+        regex::Regex::new(DURATION_PATTERN).unwrap().is_match(t)
+            && parse_duration(t).is_ok_and(|d| d <= Duration::from_secs(8760 * 3600))
+    });
     let ttl_ok = match ttl {
         None => true,
         Some(t) => {
@@ -231,7 +242,18 @@ fn crd_accepts(lock_id: &str, ttl: Option<&str>) -> bool {
                 && parse_duration(t).is_ok_and(|d| d >= Duration::from_secs(1) && d <= Duration::from_secs(86400))
         }
     };
-    id_ok && ttl_ok
+    id_ok && ttl_ok && priority_ok && timeout_ok
+}
+
+/// Priorities around and beyond the int32 bounds.
+fn priority() -> impl Strategy<Value = i64> {
+    prop_oneof![
+        any::<i32>().prop_map(i64::from),
+        Just(i64::from(i32::MAX) + 1),
+        Just(i64::from(i32::MIN) - 1),
+        Just(3_000_000_000),
+        any::<i64>(),
+    ]
 }
 
 #[test]
@@ -253,13 +275,26 @@ fn the_api_server_enforces_the_same_rules_and_accepted_specs_round_trip() {
         cases: 48,
         ..ProptestConfig::default()
     });
-    let strategy = (lock_id(), prop::option::of(ttl()), json_value(), any::<u32>());
+    let strategy = (
+        lock_id(),
+        prop::option::of(ttl()),
+        json_value(),
+        any::<u32>(),
+        prop::option::of(priority()),
+        prop::option::of(ttl()),
+    );
     runner
-        .run(&strategy, |(lock_id, ttl, metadata, n)| {
+        .run(&strategy, |(lock_id, ttl, metadata, n, priority, acquire_timeout)| {
             let name = format!("h{n}");
             let mut spec = json!({"lockId": lock_id});
             if let Some(t) = &ttl {
                 spec["ttl"] = json!(t);
+            }
+            if let Some(p) = priority {
+                spec["priority"] = json!(p);
+            }
+            if let Some(t) = &acquire_timeout {
+                spec["acquireTimeout"] = json!(t);
             }
             let object_metadata = if metadata.is_object() {
                 Some(metadata.clone())
@@ -272,7 +307,7 @@ fn the_api_server_enforces_the_same_rules_and_accepted_specs_round_trip() {
             let mut object = DynamicObject::new(&name, &resource);
             object.data = json!({"spec": spec});
             let result = rt.block_on(raw.create(&PostParams::default(), &object));
-            let expected = crd_accepts(&lock_id, ttl.as_deref());
+            let expected = crd_accepts(&lock_id, ttl.as_deref(), priority, acquire_timeout.as_deref());
             match result {
                 Ok(_) => {
                     prop_assert!(expected, "accepted {}", spec);

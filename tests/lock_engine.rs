@@ -10,8 +10,9 @@ use std::time::Duration;
 use chrono::Utc;
 use elasticsearch::indices::{IndicesCreateParts, IndicesGetSettingsParts};
 use elasticsearch::{GetParts, UpdateParts};
-use kube_lock_manager::engine::EngineArgs;
-use kube_lock_manager::lock::{AcquireRequest, LockClient, LockError, LockManager, WithLockOptions};
+use kube_lock_manager::lock::{
+    AcquireRequest, ExtendOutcome, LockClient, LockError, LockManager, WithLockOptions, validate_lock_id,
+};
 use serde_json::{Value, json};
 
 const PREFIX: &str = "locktest";
@@ -431,7 +432,7 @@ async fn with_lock_keeps_a_short_lease_alive_through_a_longer_function() {
             tokio::time::sleep(Duration::from_millis(600)).await;
             // past the original 500 ms the lock is still ours
             let now = checker.get(&id2).await.unwrap();
-            Ok::<_, String>(now.map(|l| l.token) == Some(lock.token) && Utc::now() > lock.expires_at)
+            Ok::<_, String>(now.map(|l| l.token) == Some(lock.token.clone()) && Utc::now() > lock.expires_at)
         })
         .await
         .unwrap();
@@ -464,7 +465,8 @@ async fn index_assets_have_the_right_mappings_and_settings_and_are_not_recreated
         .json()
         .await
         .unwrap();
-    let index_settings = &settings[client.index()]["settings"]["index"];
+    let concrete = format!("{prefix}-000001");
+    let index_settings = &settings[&concrete]["settings"]["index"];
     assert_eq!(index_settings["number_of_shards"], "1");
     assert_eq!(index_settings["auto_expand_replicas"], "0-1");
     assert_eq!(index_settings["hidden"], "true");
@@ -495,36 +497,110 @@ async fn index_assets_have_the_right_mappings_and_settings_and_are_not_recreated
         .await
         .unwrap();
     assert_eq!(
-        settings[again.index()]["settings"]["index"]["uuid"],
-        uuid,
+        settings[&concrete]["settings"]["index"]["uuid"], uuid,
         "index not recreated"
     );
 }
 
 #[tokio::test]
-async fn index_with_wrong_mappings_is_recreated() {
+async fn an_index_with_a_wrong_token_mapping_is_refused_and_its_documents_kept() {
     let Some(url) = common::es_url() else { return };
     let prefix = common::unique("broken");
     let client = common::lock_client(&url, &prefix);
+    let index = format!("{prefix}-000001");
     let created = client
         .elasticsearch()
         .indices()
-        .create(IndicesCreateParts::Index(client.index()))
-        .body(json!({"mappings": {"properties": {"token": {"type": "text"}, "expiresAt": {"type": "long"}}}}))
+        .create(IndicesCreateParts::Index(&index))
+        .body(json!({"mappings": {"properties": {"token": {"type": "text"}, "expiresAt": {"type": "date"}}}}))
         .send()
         .await
         .unwrap();
     assert!(created.status_code().is_success());
+    let put = client
+        .elasticsearch()
+        .index(elasticsearch::IndexParts::IndexId(&index, "precious"))
+        .body(json!({"token": "t", "expiresAt": "2999-01-01T00:00:00Z"}))
+        .refresh(elasticsearch::params::Refresh::True)
+        .send()
+        .await
+        .unwrap();
+    assert!(put.status_code().is_success());
+
+    let err = client
+        .acquire("x", Duration::from_secs(30), json!({}))
+        .await
+        .expect_err("an index with a text token is refused");
+    assert!(matches!(err, LockError::Index { .. }), "{err:?}");
+    let text = err.to_string();
     assert!(
-        client
-            .acquire("x", Duration::from_secs(30), json!({}))
-            .await
-            .unwrap()
-            .is_some()
+        text.contains(&index) && text.contains("\"token\"") && text.contains("text"),
+        "{text}"
     );
+    let doc: Value = client
+        .elasticsearch()
+        .get(GetParts::IndexId(&index, "precious"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(doc["found"], true, "the index and its documents are still there");
     let mappings = client.assets().current_mappings().await.unwrap().unwrap();
-    assert_eq!(mappings["properties"]["token"]["type"], "keyword");
-    assert_eq!(mappings["properties"]["expiresAt"]["type"], "date");
+    assert_eq!(mappings["properties"]["token"]["type"], "text", "nothing was changed");
+}
+
+#[tokio::test]
+async fn an_index_missing_our_extra_fields_is_repaired_in_place() {
+    let Some(url) = common::es_url() else { return };
+    let prefix = common::unique("kibana-like");
+    let client = common::lock_client(&url, &prefix);
+    let index = format!("{prefix}-000001");
+    // Kibana's own mappings: no holder, no fencingToken
+    let created = client
+        .elasticsearch()
+        .indices()
+        .create(IndicesCreateParts::Index(&index))
+        .body(json!({"mappings": {"dynamic": false, "properties": {
+            "token": {"type": "keyword"}, "createdAt": {"type": "date"},
+            "expiresAt": {"type": "date"}, "metadata": {"type": "object", "enabled": false}}}}))
+        .send()
+        .await
+        .unwrap();
+    assert!(created.status_code().is_success());
+    let uuid = index_uuid(&client, &index).await;
+    let lock = client
+        .acquire("x", Duration::from_secs(30), json!({}))
+        .await
+        .unwrap()
+        .expect("the repaired index grants");
+    assert_eq!(client.get("x").await.unwrap().unwrap().token, lock.token);
+    let mappings = client.assets().current_mappings().await.unwrap().unwrap();
+    assert_eq!(mappings["properties"]["fencingToken"]["type"], "long");
+    assert_eq!(mappings["properties"]["holder"]["type"], "keyword");
+    assert_eq!(
+        index_uuid(&client, &index).await,
+        uuid,
+        "repaired in place, not re-created"
+    );
+}
+
+async fn index_uuid(client: &LockClient, index: &str) -> String {
+    let settings: Value = client
+        .elasticsearch()
+        .indices()
+        .get_settings(IndicesGetSettingsParts::Index(&[index]))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    settings[index]["settings"]["index"]["uuid"]
+        .as_str()
+        .unwrap()
+        .to_string()
 }
 
 #[tokio::test]
@@ -543,79 +619,391 @@ async fn setup_is_safe_from_many_processes_at_once() {
 }
 
 #[tokio::test]
-async fn transient_503s_are_retried_three_times() {
+async fn transient_503s_of_the_acquire_request_are_retried_three_times() {
     let Some(url) = common::es_url() else { return };
-    // Set up the index through the real node first, so only lock calls go through the proxy.
+    // Set up the index through the real node first: the proxy fails only the
+    // acquire's `POST /<alias>/_update/<id>`.
     client(&url).ensure_ready().await.unwrap();
     for (failures, should_succeed) in [(3, true), (4, false)] {
-        let proxy = FlakyProxy::start(&url, failures).await;
-        let args = EngineArgs {
-            index_prefix: PREFIX.into(),
-            ..EngineArgs::for_url(&proxy.url)
-        };
-        let flaky = LockClient::from_args(&args).unwrap();
-        // assets go through the proxy too, but the proxy only fails the first requests
+        let proxy = common::FlakyProxy::start(&url, failures, common::lock_updates(PREFIX)).await;
+        let flaky = common::lock_client(&proxy.url, PREFIX);
+        flaky.ensure_ready().await.expect("setup is not failed by the proxy");
+        assert_eq!(proxy.failed(), 0);
         let id = common::unique("flaky");
         let result = flaky.acquire(&id, Duration::from_secs(30), json!({})).await;
         if should_succeed {
-            assert!(result.unwrap().is_some(), "{failures} transient failures are retried");
+            let lock = result
+                .unwrap()
+                .expect("3 transient failures of the acquire are retried");
+            assert_eq!(client(&url).get(&id).await.unwrap().unwrap().token, lock.token);
         } else {
             let err = result.unwrap_err();
             assert!(matches!(err, LockError::Unavailable { attempts: 4, .. }), "{err}");
             assert!(err.to_string().contains("503"), "the cause is named: {err}");
+            assert!(client(&url).get(&id).await.unwrap().is_none(), "nothing was granted");
         }
-        assert_eq!(proxy.failed(), failures);
+        assert_eq!(proxy.failed(), failures, "the failures hit the acquire request");
     }
 }
 
-/// A loopback HTTP proxy to the search node that answers 503 to its first N requests.
-struct FlakyProxy {
-    url: String,
-    failed: Arc<AtomicUsize>,
+#[tokio::test]
+async fn an_expired_lease_is_not_extended_and_its_holder_is_told() {
+    let Some(url) = common::es_url() else { return };
+    let client = client(&url);
+    let id = common::unique("extend-expired");
+    let lock = client
+        .acquire(&id, Duration::from_secs(1), json!({}))
+        .await
+        .unwrap()
+        .unwrap();
+    common::eventually("the lease to run out", Duration::from_secs(5), || async {
+        client.get(&id).await.unwrap().is_none().then_some(())
+    })
+    .await;
+    let outcome = client
+        .extend_lease(&id, &lock.token, Duration::from_secs(30), Some(lock.fencing_token))
+        .await
+        .unwrap();
+    assert_eq!(outcome, ExtendOutcome::Expired, "an expired lease is not revived");
+    // without the fencing token (the CLI's path) too
+    let outcome = client
+        .extend_lease(&id, &lock.token, Duration::from_secs(30), None)
+        .await
+        .unwrap();
+    assert_eq!(outcome, ExtendOutcome::Expired);
+    assert!(
+        !client
+            .extend(&id, &lock.token, Duration::from_secs(30), None)
+            .await
+            .unwrap()
+    );
+    assert!(client.get(&id).await.unwrap().is_none(), "still expired");
+    let outcome = client
+        .extend_lease(&id, "another-token", Duration::from_secs(30), None)
+        .await
+        .unwrap();
+    assert_eq!(outcome, ExtendOutcome::NotHeld);
+    // the next waiter is served
+    assert!(
+        client
+            .acquire(&id, Duration::from_secs(30), json!({}))
+            .await
+            .unwrap()
+            .is_some()
+    );
 }
 
-impl FlakyProxy {
-    async fn start(upstream: &str, failures: usize) -> Self {
-        use axum::body::Bytes;
-        use axum::http::{HeaderMap, Method, StatusCode, Uri};
-        let failed = Arc::new(AtomicUsize::new(0));
-        let upstream = upstream.trim_end_matches('/').to_string();
-        let http = reqwest::Client::new();
-        let counter = failed.clone();
-        let app = axum::Router::new().fallback(move |method: Method, uri: Uri, headers: HeaderMap, body: Bytes| {
-            let counter = counter.clone();
-            let http = http.clone();
-            let upstream = upstream.clone();
-            async move {
-                if counter.fetch_add(1, Ordering::SeqCst) < failures {
-                    return (
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        HeaderMap::new(),
-                        Bytes::from_static(b"unavailable"),
-                    );
-                }
-                counter.fetch_sub(1, Ordering::SeqCst);
-                let target = format!("{upstream}{}", uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"));
-                let mut request = http.request(method, target).body(body);
-                if let Some(ct) = headers.get("content-type") {
-                    request = request.header("content-type", ct);
-                }
-                let response = request.send().await.unwrap();
-                let status = response.status();
-                let mut out = HeaderMap::new();
-                if let Some(ct) = response.headers().get("content-type") {
-                    out.insert("content-type", ct.clone());
-                }
-                (status, out, response.bytes().await.unwrap())
-            }
-        });
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        tokio::spawn(async move { axum::serve(listener, app).await });
-        Self { url, failed }
-    }
+#[tokio::test]
+async fn a_lease_renewal_reports_lost_when_its_lease_expired() {
+    let Some(url) = common::es_url() else { return };
+    let client = client(&url);
+    let id = common::unique("lease-expired");
+    let lock = client
+        .acquire(&id, Duration::from_millis(400), json!({}))
+        .await
+        .unwrap()
+        .unwrap();
+    common::eventually("the lease to run out", Duration::from_secs(5), || async {
+        client.get(&id).await.unwrap().is_none().then_some(())
+    })
+    .await;
+    // renewals every ttl/4 = 1 s start only after the lease ran out
+    let lease = kube_lock_manager::lock::Lease::start(
+        client.clone(),
+        lock,
+        Duration::from_secs(4),
+        std::time::SystemTime::now(),
+    );
+    let mut lost = lease.lost_signal();
+    tokio::time::timeout(Duration::from_secs(10), lost.wait_for(|l| *l))
+        .await
+        .expect("the lease reports lost")
+        .unwrap();
+    assert!(lease.is_lost());
+    lease.stop().await;
+}
 
-    fn failed(&self) -> usize {
-        self.failed.load(Ordering::SeqCst)
+#[tokio::test]
+async fn every_printable_ascii_id_round_trips_or_is_refused() {
+    let Some(url) = common::es_url() else { return };
+    let client = client(&url);
+    let base = common::unique("ascii");
+    for c in (0x20u8..0x7f).map(char::from) {
+        let id = format!("{base}a{c}b");
+        let result = client.acquire(&id, Duration::from_secs(30), json!({})).await;
+        if validate_lock_id(&id).is_ok() {
+            let lock = result
+                .unwrap_or_else(|e| panic!("{id:?} is valid but failed: {e}"))
+                .unwrap_or_else(|| panic!("{id:?} not acquired"));
+            assert_eq!(lock.lock_id, id);
+            let seen = client.get(&id).await.unwrap().unwrap_or_else(|| panic!("get {id:?}"));
+            assert_eq!(
+                (seen.lock_id.as_str(), seen.token.as_str()),
+                (id.as_str(), lock.token.as_str())
+            );
+            assert_eq!(raw_document(&client, &id).await.unwrap()["token"], lock.token.as_str());
+            assert!(client.release(&id, &lock.token).await.unwrap(), "{id:?}");
+        } else {
+            let err = result.expect_err(&id);
+            assert!(
+                matches!(err, LockError::InvalidLockId(ref bad) if *bad == id),
+                "{id:?}: {err}"
+            );
+        }
     }
+    for bad in [".", "..", "ns/..", "ns/.", "../x", "a/../b"] {
+        let err = client
+            .acquire(bad, Duration::from_secs(30), json!({}))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, LockError::InvalidLockId(_)), "{bad:?}: {err}");
+        assert!(client.get(bad).await.is_err(), "{bad:?}");
+    }
+    // slashes and dots inside one id stay one document id
+    for id in [format!("{base}/x"), format!("{base}/..x"), format!("{base}:y/z.")] {
+        let lock = client
+            .acquire(&id, Duration::from_secs(30), json!({}))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(client.get(&id).await.unwrap().unwrap().token, lock.token, "{id}");
+    }
+}
+
+#[tokio::test]
+async fn a_retried_acquire_with_the_same_token_keeps_its_fencing_token() {
+    let Some(url) = common::es_url() else { return };
+    let client = client(&url);
+    let id = common::unique("retry-fencing");
+    // another key's grants move the shard's _seq_no between the attempts
+    let noise = common::unique("noise");
+    let req = AcquireRequest::new(&id, Duration::from_secs(30), json!({"try": 1}));
+    let first = client.try_acquire(&req).await.unwrap().unwrap();
+    for attempt in 2..5 {
+        let other = client
+            .acquire(&noise, Duration::from_secs(30), json!({}))
+            .await
+            .unwrap()
+            .unwrap();
+        client.release(&noise, &other.token).await.unwrap();
+        let again = client
+            .try_acquire(&req)
+            .await
+            .unwrap()
+            .expect("our own token re-acquires");
+        assert_eq!(again.token, first.token);
+        assert_eq!(
+            again.fencing_token, first.fencing_token,
+            "attempt {attempt} keeps the grant's fencing token"
+        );
+        let seen = client.get(&id).await.unwrap().unwrap();
+        assert_eq!(seen.fencing_token, first.fencing_token, "get agrees");
+    }
+    assert!(
+        client
+            .extend(&id, &first.token, Duration::from_secs(30), None)
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        client.get(&id).await.unwrap().unwrap().fencing_token,
+        first.fencing_token
+    );
+    assert!(client.release(&id, &first.token).await.unwrap());
+    let next = client
+        .acquire(&id, Duration::from_secs(30), json!({}))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        next.fencing_token > first.fencing_token,
+        "{} > {}",
+        next.fencing_token,
+        first.fencing_token
+    );
+}
+
+#[tokio::test]
+async fn overlapping_prefixes_coexist_on_one_cluster() {
+    let Some(url) = common::es_url() else { return };
+    let prefix = common::unique("p");
+    let staging_prefix = format!("{prefix}-staging");
+    let prod = common::lock_client(&url, &prefix);
+    let staging = common::lock_client(&url, &staging_prefix);
+    // set up in both orders of a fresh process
+    staging.ensure_ready().await.expect("the longer prefix sets up");
+    prod.ensure_ready()
+        .await
+        .expect("the shorter prefix sets up next to it");
+    common::lock_client(&url, &staging_prefix)
+        .ensure_ready()
+        .await
+        .expect("and again");
+    let a = prod
+        .acquire("shared", Duration::from_secs(30), json!({"env": "prod"}))
+        .await
+        .unwrap()
+        .unwrap();
+    let b = staging
+        .acquire("shared", Duration::from_secs(30), json!({"env": "staging"}))
+        .await
+        .unwrap()
+        .expect("the same id in the other deployment is a different lock");
+    assert_eq!(prod.get("shared").await.unwrap().unwrap().token, a.token);
+    assert_eq!(staging.get("shared").await.unwrap().unwrap().token, b.token);
+    let only_prod = prod
+        .acquire("prod-only", Duration::from_secs(30), json!({}))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        staging.get("prod-only").await.unwrap().is_none(),
+        "staging sees only its own locks"
+    );
+    assert_eq!(prod.get("prod-only").await.unwrap().unwrap().token, only_prod.token);
+}
+
+#[tokio::test]
+async fn a_lock_index_recreated_under_a_running_client_is_refused() {
+    let Some(url) = common::es_url() else { return };
+    let prefix = common::unique("recreated");
+    let client = common::lock_client(&url, &prefix);
+    let held = client
+        .acquire("a", Duration::from_secs(30), json!({}))
+        .await
+        .unwrap()
+        .unwrap();
+    let index = format!("{prefix}-000001");
+    common::delete_index(&client, &index).await;
+    // re-created by hand, alias and all, as a snapshot restore would: its
+    // sequence numbers start again
+    let created = client
+        .elasticsearch()
+        .indices()
+        .create(IndicesCreateParts::Index(&index))
+        .body(json!({"mappings": kube_lock_manager::lock::lock_mappings(), "aliases": {prefix.clone(): {}}}))
+        .send()
+        .await
+        .unwrap();
+    assert!(created.status_code().is_success());
+    for (who, c) in [("running", &client), ("fresh", &common::lock_client(&url, &prefix))] {
+        let err = c
+            .acquire("b", Duration::from_secs(30), json!({}))
+            .await
+            .expect_err("no grant from a replaced index");
+        assert!(matches!(err, LockError::FencingUnproven { .. }), "{who}: {err}");
+        assert_eq!(err.category(), "fencing");
+        assert!(err.to_string().contains("lockctl index recover"), "{err}");
+    }
+    // the old holder's token means nothing in the new index
+    assert!(!client.release("a", &held.token).await.unwrap());
+}
+
+#[tokio::test]
+async fn with_lock_releases_when_the_function_panics() {
+    let Some(url) = common::es_url() else { return };
+    let client = client(&url);
+    let id = common::unique("withlock-panic");
+    let (started_tx, started) = tokio::sync::oneshot::channel();
+    let task = {
+        let client = client.clone();
+        let id = id.clone();
+        tokio::spawn(async move {
+            client
+                .with_lock(&id, WithLockOptions::default(), |lock| async move {
+                    started_tx.send(lock.token.clone()).unwrap();
+                    if lock.fencing_token > 0 {
+                        panic!("the function panics");
+                    }
+                    Ok::<_, String>(())
+                })
+                .await
+        })
+    };
+    let token = started.await.expect("the function ran");
+    assert!(task.await.unwrap_err().is_panic());
+    // far sooner than the 30 s TTL
+    common::eventually("the lock to be released", Duration::from_secs(5), || async {
+        client.get(&id).await.unwrap().is_none().then_some(())
+    })
+    .await;
+    assert!(
+        raw_document(&client, &id).await.is_none(),
+        "released, not expired ({token})"
+    );
+}
+
+#[tokio::test]
+async fn with_lock_releases_when_its_future_is_dropped() {
+    let Some(url) = common::es_url() else { return };
+    let client = client(&url);
+    let id = common::unique("withlock-drop");
+    let (started_tx, mut started) = tokio::sync::mpsc::unbounded_channel();
+    let run = client.with_lock(&id, WithLockOptions::default(), |lock| async move {
+        started_tx.send(lock.token.clone()).unwrap();
+        std::future::pending::<()>().await;
+        Ok::<_, String>(())
+    });
+    assert!(tokio::time::timeout(Duration::from_millis(500), run).await.is_err());
+    assert!(started.recv().await.is_some(), "the function ran");
+    common::eventually("the lock to be released", Duration::from_secs(5), || async {
+        client.get(&id).await.unwrap().is_none().then_some(())
+    })
+    .await;
+    assert!(raw_document(&client, &id).await.is_none(), "released, not expired");
+}
+
+#[tokio::test]
+async fn with_lock_tells_the_function_when_its_lock_was_lost() {
+    let Some(url) = common::es_url() else { return };
+    let client = client(&url);
+    let other = common::lock_client(&url, PREFIX);
+    let id = common::unique("withlock-lost");
+    let options = WithLockOptions {
+        ttl: Duration::from_secs(1),
+        ..WithLockOptions::default()
+    };
+    let lost = client
+        .with_lock(&id, options, |lock| async move {
+            assert!(!lock.is_lost());
+            // someone releases it by token (an admin, a bug) and takes it
+            assert!(other.release(&lock.lock_id, &lock.token).await.unwrap());
+            other
+                .acquire(&lock.lock_id, Duration::from_secs(30), json!({}))
+                .await
+                .unwrap()
+                .unwrap();
+            let mut signal = lock.lost();
+            let seen = tokio::time::timeout(Duration::from_secs(5), signal.wait_for(|l| *l)).await;
+            Ok::<_, String>(seen.is_ok() && lock.is_lost())
+        })
+        .await
+        .unwrap();
+    assert!(lost, "the function learned that the lock was lost");
+}
+
+#[tokio::test]
+async fn an_older_deployments_wildcard_template_does_not_stop_setup() {
+    let Some(url) = common::es_url() else { return };
+    let prefix = common::unique("legacy");
+    let old = common::lock_client(&url, &prefix);
+    // what the previous version installed: pattern `<prefix>*`, priority 500
+    let put = old
+        .elasticsearch()
+        .indices()
+        .put_index_template(elasticsearch::indices::IndicesPutIndexTemplateParts::Name(&format!(
+            "{prefix}-old-template"
+        )))
+        .body(json!({"index_patterns": [format!("{prefix}*")], "priority": 500}))
+        .send()
+        .await
+        .unwrap();
+    assert!(put.status_code().is_success());
+    let staging = common::lock_client(&url, &format!("{prefix}-staging"));
+    let lock = staging
+        .acquire("x", Duration::from_secs(30), json!({}))
+        .await
+        .unwrap()
+        .expect("setup and grant despite the overlapping template");
+    assert_eq!(staging.get("x").await.unwrap().unwrap().token, lock.token);
 }

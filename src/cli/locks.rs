@@ -1,15 +1,15 @@
-//! `lockctl acquire | release | extend | get | exec`: the lock engine without Kubernetes.
+//! `lockctl acquire | release | extend | get | exec | index`: the lock engine without Kubernetes.
 
 use std::process::ExitStatus;
 use std::time::Duration;
 
-use clap::{Args, ValueEnum};
+use clap::{Args, Subcommand, ValueEnum};
 use serde_json::Value;
 
 use super::CliError;
 use crate::duration::parse_duration;
 use crate::engine::EngineArgs;
-use crate::lock::{AcquireRequest, Lease, Lock, LockClient};
+use crate::lock::{AcquireRequest, ExtendOutcome, Grant, Lease, LockClient};
 
 /// Exit code of `lockctl exec` when the lock could not be acquired (EX_TEMPFAIL).
 pub const EXIT_NOT_ACQUIRED: i32 = 75;
@@ -132,18 +132,15 @@ async fn acquire_once_or_wait(
     client: &LockClient,
     req: &AcquireRequest,
     wait: Option<Duration>,
-) -> Result<Option<Lock>, CliError> {
-    Ok(match wait {
-        Some(wait) => client.acquire_with_wait(req, wait).await?,
-        None => client.try_acquire(req).await?,
-    })
+) -> Result<Option<Grant>, CliError> {
+    Ok(client.acquire_timed(req, wait.unwrap_or_default()).await?)
 }
 
 pub async fn acquire(args: AcquireArgs) -> Result<i32, CliError> {
     let client = LockClient::from_args(&args.engine)?;
     let req = request(&args.lock_id, args.ttl, args.metadata, args.holder);
     match acquire_once_or_wait(&client, &req, args.wait).await? {
-        Some(lock) => {
+        Some(Grant { lock, .. }) => {
             match args.output {
                 Output::Token => println!("{}", lock.token),
                 Output::Json => println!("{}", serde_json::to_string_pretty(&lock)?),
@@ -169,11 +166,19 @@ pub async fn release(args: ReleaseArgs) -> Result<i32, CliError> {
 
 pub async fn extend(args: ExtendArgs) -> Result<i32, CliError> {
     let client = LockClient::from_args(&args.engine)?;
-    if client.extend(&args.lock_id, &args.token, args.ttl, None).await? {
-        Ok(0)
-    } else {
-        eprintln!("lockctl: lock {:?} is not held by that token", args.lock_id);
-        Ok(1)
+    match client.extend_lease(&args.lock_id, &args.token, args.ttl, None).await? {
+        ExtendOutcome::Extended => Ok(0),
+        ExtendOutcome::Expired => {
+            eprintln!(
+                "lockctl: the lease of lock {:?} expired; an expired lease is not extended (acquire the lock again)",
+                args.lock_id
+            );
+            Ok(1)
+        }
+        ExtendOutcome::NotHeld => {
+            eprintln!("lockctl: lock {:?} is not held by that token", args.lock_id);
+            Ok(1)
+        }
     }
 }
 
@@ -198,35 +203,15 @@ pub async fn exec(args: ExecArgs) -> Result<i32, CliError> {
 
     let client = LockClient::from_args(&args.engine)?;
     let req = request(&args.lock_id, args.ttl, args.metadata, args.holder);
-    let mut sent = std::time::SystemTime::now();
-    let lock = match args.wait {
-        // the last attempt's send time bounds the lease, so attempt by attempt
-        Some(wait) => {
-            let deadline = std::time::Instant::now() + wait;
-            let mut delay = Duration::from_millis(50);
-            loop {
-                sent = std::time::SystemTime::now();
-                if let Some(lock) = client.try_acquire(&req).await? {
-                    break Some(lock);
-                }
-                let now = std::time::Instant::now();
-                if now >= deadline {
-                    break None;
-                }
-                tokio::time::sleep(delay.min(deadline - now)).await;
-                delay = (delay * 2).min(Duration::from_secs(2));
-            }
-        }
-        None => client.try_acquire(&req).await?,
-    };
-    let Some(lock) = lock else {
+    // the winning attempt's send time bounds the lease
+    let Some(Grant { lock, sent_at }) = acquire_once_or_wait(&client, &req, args.wait).await? else {
         eprintln!(
             "lockctl: could not acquire lock {:?}: it is held by someone else",
             args.lock_id
         );
         return Ok(EXIT_NOT_ACQUIRED);
     };
-    let lease = Lease::start(client.clone(), lock.clone(), args.ttl, sent);
+    let lease = Lease::start(client.clone(), lock.clone(), args.ttl, sent_at);
     if let Some(path) = args.lease_file.clone() {
         let mut valid = lease.valid_until();
         tokio::spawn(async move {
@@ -271,7 +256,10 @@ pub async fn exec(args: ExecArgs) -> Result<i32, CliError> {
             Ok(()) = lost.changed(), if !lock_lost => {
                 if *lost.borrow() {
                     lock_lost = true;
-                    eprintln!("lockctl: lock {:?} was lost to another owner; stopping the command", lock.lock_id);
+                    eprintln!(
+                        "lockctl: lock {:?} was lost (its lease ran out or another owner took it); stopping the command",
+                        lock.lock_id
+                    );
                     forward(&child, nix::sys::signal::Signal::SIGTERM);
                 }
             }
@@ -297,6 +285,98 @@ pub async fn exec(args: ExecArgs) -> Result<i32, CliError> {
     }
     let code = exit_code(status);
     Ok(if lock_lost { code.max(1) } else { code })
+}
+
+#[derive(Args, Debug)]
+pub struct IndexArgs {
+    #[command(subcommand)]
+    pub command: IndexCommand,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum IndexCommand {
+    /// Show the lock index behind the alias, its UUID and fencing floor, and
+    /// whether locks are granted. Exit 0 granting, 1 refusing, 2 error.
+    Status(IndexStatusArgs),
+    /// After the lock index was deleted, re-created or restored from a
+    /// snapshot: create the next lock index, whose fencing tokens all exceed
+    /// --fencing-floor, and grant again. Live locks of the old index are
+    /// dropped. Refused while locks are being granted.
+    Recover(IndexRecoverArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct IndexStatusArgs {
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = IndexOutput::Text)]
+    pub output: IndexOutput,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum IndexOutput {
+    Text,
+    Json,
+}
+
+#[derive(Args, Debug)]
+pub struct IndexRecoverArgs {
+    /// Every fencing token handed out from now on is above this number. It
+    /// MUST be at least the highest fencing token ever handed out for any
+    /// lock of this index (check your downstream systems' records, e.g. the
+    /// highest token they accepted), or stale holders may pass fencing checks.
+    #[arg(long)]
+    pub fencing_floor: u64,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+}
+
+pub async fn index(args: IndexArgs) -> Result<i32, CliError> {
+    match args.command {
+        IndexCommand::Status(args) => index_status(args).await,
+        IndexCommand::Recover(args) => index_recover(args).await,
+    }
+}
+
+async fn index_status(args: IndexStatusArgs) -> Result<i32, CliError> {
+    let client = LockClient::from_args(&args.engine)?;
+    let status = client.assets().status().await?;
+    match args.output {
+        IndexOutput::Json => println!("{}", serde_json::to_string_pretty(&status)?),
+        IndexOutput::Text => {
+            let or_none = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+            println!("alias: {}", status.alias);
+            match &status.index {
+                Some(index) => println!("index: {index}"),
+                None if status.grants_allowed => println!("index: - (the first acquire creates it)"),
+                None => println!("index: -"),
+            }
+            println!("uuid: {}", or_none(&status.uuid));
+            println!("recorded uuid: {}", or_none(&status.recorded_uuid));
+            println!(
+                "fencing floor: {}",
+                status.fencing_floor.map_or_else(|| "-".into(), |f| f.to_string())
+            );
+            match &status.problem {
+                None => println!("grants: allowed"),
+                Some(problem) => println!("grants: refused: {problem}"),
+            }
+        }
+    }
+    Ok(if status.grants_allowed { 0 } else { 1 })
+}
+
+async fn index_recover(args: IndexRecoverArgs) -> Result<i32, CliError> {
+    let client = LockClient::from_args(&args.engine)?;
+    let state = client.assets().recover(args.fencing_floor).await?;
+    println!(
+        "lock index {} (UUID {}) now serves alias {}; fencing tokens start above {}",
+        state.index,
+        state.uuid,
+        client.index(),
+        state.fencing_floor
+    );
+    Ok(0)
 }
 
 fn forward(child: &tokio::process::Child, signal: nix::sys::signal::Signal) {

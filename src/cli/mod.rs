@@ -37,12 +37,14 @@ pub enum Command {
     Acquire(locks::AcquireArgs),
     /// Release a lock held with TOKEN. Exit 0 released, 1 not held by that token, 2 error.
     Release(locks::ReleaseArgs),
-    /// Extend a lock held with TOKEN. Exit 0 extended, 1 not held by that token, 2 error.
+    /// Extend a lock held with TOKEN. Exit 0 extended, 1 not held by that token or its lease expired, 2 error.
     Extend(locks::ExtendArgs),
     /// Print the live lock as JSON. Exit 1 if there is none or it expired.
     Get(locks::GetArgs),
     /// Run a command while holding the lock; exit with its code (75 if the lock could not be had).
     Exec(locks::ExecArgs),
+    /// Inspect or recover the lock index (fencing-token safety).
+    Index(locks::IndexArgs),
 }
 
 /// Errors that end a `lockctl` command with exit code 2 and one line on stderr.
@@ -114,6 +116,7 @@ impl Cli {
             Command::Extend(args) => locks::extend(args).await,
             Command::Get(args) => locks::get(args).await,
             Command::Exec(args) => locks::exec(args).await,
+            Command::Index(args) => locks::index(args).await,
         };
         match result {
             Ok(code) => code,

@@ -38,6 +38,8 @@ pub enum Category {
     Held,
     /// Fencing tokens could not be proven to grow (lock index deleted or restored).
     Fencing,
+    /// The lock index exists but is unusable as it is (e.g. a wrong mapping).
+    Index,
     /// Bad input: an id, a ttl, a request the controller cannot act on.
     Invalid,
     /// The engine settings are unusable.
@@ -46,7 +48,7 @@ pub enum Category {
 
 impl Category {
     /// Every category, for tests and dashboards.
-    pub const ALL: [Category; 10] = [
+    pub const ALL: [Category; 11] = [
         Category::Kube,
         Category::Finalizer,
         Category::Unavailable,
@@ -55,6 +57,7 @@ impl Category {
         Category::Unauthorized,
         Category::Held,
         Category::Fencing,
+        Category::Index,
         Category::Invalid,
         Category::Config,
     ];
@@ -70,6 +73,7 @@ impl Category {
             Category::Unauthorized => "unauthorized",
             Category::Held => "held",
             Category::Fencing => "fencing",
+            Category::Index => "index",
             Category::Invalid => "invalid",
             Category::Config => "config",
         }
@@ -84,22 +88,23 @@ impl Category {
             Category::Unavailable | Category::Engine | Category::Response => Duration::from_secs(2),
             Category::Held => Duration::from_secs(1),
             // needs a person: look again now and then, and stay visible
-            Category::Unauthorized | Category::Fencing | Category::Config => Duration::from_secs(10),
+            Category::Unauthorized | Category::Fencing | Category::Index | Category::Config => Duration::from_secs(10),
             Category::Invalid => Duration::from_secs(300),
         }
     }
 
     /// The category of a lock engine error.
     pub fn of_lock_error(error: &LockError) -> Category {
-        match error.category() {
-            "held" => Category::Held,
-            "invalid" => Category::Invalid,
-            "unavailable" => Category::Unavailable,
-            "unauthorized" => Category::Unauthorized,
-            "response" => Category::Response,
-            "config" => Category::Config,
-            "fencing" => Category::Fencing,
-            _ => Category::Engine,
+        match error {
+            LockError::AcquisitionFailed { .. } => Category::Held,
+            LockError::InvalidLockId(_) | LockError::InvalidMetadata(_) | LockError::InvalidTtl(_) => Category::Invalid,
+            LockError::Unavailable { .. } => Category::Unavailable,
+            LockError::Engine { status: 401 | 403, .. } => Category::Unauthorized,
+            LockError::Engine { .. } => Category::Engine,
+            LockError::Response { .. } => Category::Response,
+            LockError::FencingUnproven { .. } => Category::Fencing,
+            LockError::Index { .. } => Category::Index,
+            LockError::Config(_) => Category::Config,
         }
     }
 }
@@ -149,7 +154,12 @@ mod tests {
             reason: "no".into(),
         };
         assert_eq!(Category::of_lock_error(&denied), Category::Unauthorized);
-        for error in [unavailable, denied] {
+        let fencing = LockError::FencingUnproven {
+            index: "kube-locks".into(),
+            reason: "deleted".into(),
+        };
+        assert_eq!(Category::of_lock_error(&fencing), Category::Fencing);
+        for error in [unavailable, denied, fencing] {
             assert_eq!(Category::of_lock_error(&error).as_str(), error.category());
         }
     }

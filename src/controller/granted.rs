@@ -11,6 +11,7 @@ use super::holder::{self, HolderState};
 use super::status::{self, parse_time, reason};
 use super::{Context, renew_period};
 use crate::crd::{DistributedLock, Phase};
+use crate::lock::ExtendOutcome;
 use crate::queue;
 
 /// What a Granted request needs next.
@@ -98,33 +99,33 @@ async fn renew(lock: Arc<DistributedLock>, ctx: &Context, key: &str, ttl: Durati
     let token = status.token.clone().unwrap_or_default();
     let fencing = status.fencing_token.and_then(|f| u64::try_from(f).ok());
     let now = Utc::now();
-    let extended = ctx
-        .engine("extend", &lock, ctx.locks.extend(key, &token, ttl, fencing))
+    let outcome = ctx
+        .engine("extend", &lock, ctx.locks.extend_lease(key, &token, ttl, fencing))
         .await?;
-    if extended {
-        let expires = now + chrono::Duration::from_std(ttl).unwrap_or_default();
-        status::write(&ctx.client, &lock, status::renewed(&lock, now, expires)).await?;
-        return Ok(Action::requeue(renew_period(ttl)));
-    }
-    let expired = status
-        .expires_at
-        .as_deref()
-        .and_then(parse_time)
-        .is_some_and(|e| e <= now);
-    let (phase, reason, message) = if expired {
-        ctx.metrics.expiries.inc();
-        (
-            Phase::Expired,
-            reason::EXPIRED,
-            "the lease ran out before it could be renewed",
-        )
-    } else {
-        ctx.metrics.losses.inc();
-        (
-            Phase::Lost,
-            reason::LOST,
-            "the lock was taken or released by another owner",
-        )
+    let (phase, reason, message) = match outcome {
+        ExtendOutcome::Extended => {
+            let expires = now + chrono::Duration::from_std(ttl).unwrap_or_default();
+            status::write(&ctx.client, &lock, status::renewed(&lock, now, expires)).await?;
+            return Ok(Action::requeue(renew_period(ttl)));
+        }
+        // by the search engine's clock: a lease that ran out is over, even if
+        // nobody took the lock meanwhile; the next waiter is served
+        ExtendOutcome::Expired => {
+            ctx.metrics.expiries.inc();
+            (
+                Phase::Expired,
+                reason::EXPIRED,
+                "the lease ran out before it could be renewed",
+            )
+        }
+        ExtendOutcome::NotHeld => {
+            ctx.metrics.losses.inc();
+            (
+                Phase::Lost,
+                reason::LOST,
+                "the lock was taken or released by another owner",
+            )
+        }
     };
     let note = format!("lock {}: {message}", queue::lock_key(&lock));
     super::events::warning(&ctx.recorder, &super::object_ref(&lock), reason, note).await;

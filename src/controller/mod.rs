@@ -81,7 +81,13 @@ impl Context {
                     return Err(Error::Lock(e));
                 }
                 let health = match category {
-                    Category::Fencing => IndexHealth::Failing(reason::FENCING_UNPROVEN, crate::lock::error_line(&e)),
+                    Category::Fencing | Category::Index => {
+                        let message = crate::lock::error_line(&e);
+                        // needs an admin: say so loudly, on the request it stops
+                        let note = format!("no lock is granted: {message}");
+                        events::warning(&self.recorder, &object_ref(lock), reason::FENCING_UNPROVEN, note).await;
+                        IndexHealth::Failing(reason::FENCING_UNPROVEN, message)
+                    }
                     _ => IndexHealth::Failing(
                         reason::INDEX_UNREACHABLE,
                         format!("the lock index cannot be reached ({}); retrying", category.as_str()),

@@ -10,26 +10,46 @@ pub enum LockError {
     /// [`LockError::is_acquisition_error`].
     #[error("could not acquire lock {lock_id:?}: it is held by another owner")]
     AcquisitionFailed { lock_id: String },
-    #[error("invalid lock id {0:?}: use 1..512 characters of A-Z a-z 0-9 . _ : / -")]
+    /// The id breaks the rule of [`super::validate_lock_id`].
+    #[error(
+        "invalid lock id {0:?}: use 1..512 characters of A-Z a-z 0-9 . _ : / - (not \".\" or \"..\", nor such a /-separated part)"
+    )]
     InvalidLockId(String),
+    /// Metadata that is not a JSON object.
     #[error("invalid metadata: {0}")]
     InvalidMetadata(String),
+    /// A lease length outside 1 ms ..= 365 days.
     #[error("invalid ttl {0:?}: must be between 1ms and 365 days")]
     InvalidTtl(Duration),
+    /// Transient failures (HTTP 429/502/503/504, timeouts, resets) outlasted the retries.
     #[error("search engine unreachable during {operation} after {attempts} attempts: {message}")]
     Unavailable {
         operation: &'static str,
         attempts: u32,
         message: String,
     },
+    /// The engine answered with an error status; `reason` is its own.
     #[error("search engine refused {operation} (HTTP {status}): {reason}")]
     Engine {
         operation: &'static str,
         status: u16,
         reason: String,
     },
+    /// The engine's answer could not be understood.
     #[error("unexpected answer from the search engine to {operation}: {message}")]
     Response { operation: &'static str, message: String },
+    /// The lock index cannot prove that fencing tokens only grow (it was
+    /// deleted, re-created or restored from a snapshot): no lock is granted
+    /// until an admin runs `lockctl index recover --fencing-floor N`.
+    #[error(
+        "refusing to grant locks: fencing tokens of lock index {index} may repeat ({reason}); an admin must run `lockctl index recover --fencing-floor N` with N at least the highest fencing token ever handed out"
+    )]
+    FencingUnproven { index: String, reason: String },
+    /// The lock index exists but cannot be used as it is (e.g. a field mapped
+    /// with the wrong type); it is left untouched.
+    #[error("lock index {index}: {message}")]
+    Index { index: String, message: String },
+    /// The connection settings are malformed.
     #[error(transparent)]
     Config(#[from] ConfigError),
 }
@@ -49,6 +69,8 @@ impl LockError {
             LockError::Engine { status: 401 | 403, .. } => "unauthorized",
             LockError::Engine { .. } => "engine",
             LockError::Response { .. } => "response",
+            LockError::FencingUnproven { .. } => "fencing",
+            LockError::Index { .. } => "index",
             LockError::Config(_) => "config",
         }
     }
@@ -58,8 +80,11 @@ impl LockError {
 /// had, the engine failed, or the function itself failed.
 #[derive(Debug, thiserror::Error)]
 pub enum WithLockError<E> {
+    /// Acquiring, or the engine, failed; the function did not run (or its
+    /// lock could not be had).
     #[error(transparent)]
     Lock(#[from] LockError),
+    /// The function ran and returned this error.
     #[error("{0}")]
     Callback(E),
 }

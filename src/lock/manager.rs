@@ -1,34 +1,18 @@
-use std::future::Future;
+//! [`Lease`] (renew a held lock until told to stop) and Kibana's
+//! [`LockManager`] (one lock id, its token kept inside).
+
 use std::sync::Mutex;
 use std::time::Duration;
 
 use serde_json::Value;
 use tokio::sync::watch;
 
-use super::client::{AcquireRequest, DEFAULT_TTL, Lock, LockClient};
-use super::error::{LockError, WithLockError};
-
-/// Options of [`LockClient::with_lock`].
-#[derive(Clone, Debug)]
-pub struct WithLockOptions {
-    pub ttl: Duration,
-    pub metadata: Value,
-    /// How long to keep retrying while another owner holds the lock (zero: try once).
-    pub wait: Duration,
-}
-
-impl Default for WithLockOptions {
-    fn default() -> Self {
-        Self {
-            ttl: DEFAULT_TTL,
-            metadata: Value::Null,
-            wait: Duration::ZERO,
-        }
-    }
-}
+use super::client::LockClient;
+use super::error::LockError;
+use super::model::{ExtendOutcome, Lock};
 
 /// A lease held while something runs: renewed every `ttl/4` by one task (so
-/// never two extensions at once) until [`Lease::stop`].
+/// never two extensions at once) until [`Lease::stop`] or until dropped.
 pub struct Lease {
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
@@ -53,14 +37,25 @@ impl Lease {
                 }
                 let sent = std::time::SystemTime::now();
                 match client
-                    .extend(&lock.lock_id, &lock.token, ttl, Some(lock.fencing_token))
+                    .extend_lease(&lock.lock_id, &lock.token, ttl, Some(lock.fencing_token))
                     .await
                 {
-                    Ok(true) => {
+                    Ok(ExtendOutcome::Extended) => {
                         let _ = valid_tx.send(sent + ttl);
                     }
-                    Ok(false) => {
-                        tracing::warn!(lock_id = %lock.lock_id, "lock was lost: another owner holds it now");
+                    Ok(outcome) => {
+                        let why = if outcome == ExtendOutcome::Expired {
+                            "its lease ran out before it was renewed"
+                        } else {
+                            "another owner holds it now, or it was released"
+                        };
+                        tracing::warn!(lock_id = %lock.lock_id, why, "lock was lost");
+                        let _ = lost_tx.send(true);
+                        return;
+                    }
+                    // the index is gone or replaced: so is the lock
+                    Err(e @ LockError::FencingUnproven { .. }) => {
+                        tracing::warn!(lock_id = %lock.lock_id, error = %e, "lock was lost");
                         let _ = lost_tx.send(true);
                         return;
                     }
@@ -84,7 +79,7 @@ impl Lease {
         self.valid_until.clone()
     }
 
-    /// True once a renewal found the lock held by another token.
+    /// True once a renewal found the lock expired or held by another token.
     pub fn is_lost(&self) -> bool {
         *self.lost.borrow()
     }
@@ -101,43 +96,6 @@ impl Lease {
     }
 }
 
-impl LockClient {
-    /// Runs `f` while holding `lock_id`: acquires (or fails with the
-    /// acquisition error), renews every `ttl/4` while `f` runs, and always
-    /// releases afterwards, also when `f` fails. Returns `f`'s result.
-    pub async fn with_lock<T, E, F, Fut>(
-        &self,
-        lock_id: &str,
-        options: WithLockOptions,
-        f: F,
-    ) -> Result<T, WithLockError<E>>
-    where
-        F: FnOnce(Lock) -> Fut,
-        Fut: Future<Output = Result<T, E>>,
-    {
-        let request = AcquireRequest::new(lock_id, options.ttl, options.metadata);
-        let sent = std::time::SystemTime::now();
-        let lock = if options.wait.is_zero() {
-            self.try_acquire(&request).await?
-        } else {
-            self.acquire_with_wait(&request, options.wait).await?
-        };
-        let Some(lock) = lock else {
-            return Err(LockError::AcquisitionFailed {
-                lock_id: lock_id.to_string(),
-            }
-            .into());
-        };
-        let lease = Lease::start(self.clone(), lock.clone(), options.ttl, sent);
-        let result = f(lock.clone()).await;
-        lease.stop().await;
-        if let Err(e) = self.release(&lock.lock_id, &lock.token).await {
-            tracing::warn!(lock_id, error = %e, "could not release the lock; it expires by itself");
-        }
-        result.map_err(WithLockError::Callback)
-    }
-}
-
 /// Kibana's `LockManager`: one lock id, the token of the current acquisition
 /// kept inside. Every acquisition uses a fresh token.
 pub struct LockManager {
@@ -147,6 +105,7 @@ pub struct LockManager {
 }
 
 impl LockManager {
+    /// A manager of `lock_id` that holds nothing yet.
     pub fn new(client: LockClient, lock_id: impl Into<String>) -> Self {
         Self {
             client,
@@ -155,6 +114,7 @@ impl LockManager {
         }
     }
 
+    /// The lock id managed.
     pub fn lock_id(&self) -> &str {
         &self.lock_id
     }
@@ -198,7 +158,8 @@ impl LockManager {
         Ok(released)
     }
 
-    /// True when this manager's token still held the lock and it was extended.
+    /// True when this manager's token still held a live lease and it was
+    /// extended (an expired lease is not revived).
     pub async fn extend_ttl(&self, ttl: Duration) -> Result<bool, LockError> {
         let Some(lock) = self.held() else { return Ok(false) };
         self.client

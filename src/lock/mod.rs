@@ -4,18 +4,31 @@
 mod assets;
 mod client;
 mod error;
+mod extend;
+pub mod ids;
+pub mod lineage;
 mod manager;
+mod mappings;
+mod model;
+mod recovery;
 pub mod scripts;
+mod transport;
+mod with_lock;
 
-pub use assets::{IndexAssets, lock_mappings, mappings_are_usable};
-pub use client::{
-    AcquireRequest, DEFAULT_TTL, Lock, LockClient, LockDocument, RawLock, TRANSIENT_RETRIES, new_token,
-    normalize_metadata, validate_lock_id,
-};
+pub use assets::{IndexAssets, IndexState};
+pub use client::LockClient;
 pub use error::{LockError, WithLockError};
-pub use manager::{Lease, LockManager, WithLockOptions};
+pub use ids::{validate_lock_id, validate_lock_id_segment};
+pub use manager::{Lease, LockManager};
+pub use mappings::{lock_mappings, mappings_are_usable, missing_lock_fields};
+pub use model::{
+    AcquireRequest, DEFAULT_TTL, ExtendOutcome, Grant, Lock, LockDocument, RawLock, new_token, normalize_metadata,
+};
+pub use recovery::IndexStatus;
+pub use transport::TRANSIENT_RETRIES;
+pub use with_lock::{LockHandle, WithLockOptions};
 
 /// An error and its causes on one line, for the single line `lockctl` prints.
 pub fn error_line(error: &dyn std::error::Error) -> String {
-    client::error_chain(error)
+    transport::error_chain(error)
 }

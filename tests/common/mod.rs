@@ -404,3 +404,92 @@ impl SwitchProxy {
         }
     }
 }
+
+/// A loopback HTTP proxy to the search node that answers 503 to the first
+/// `failures` requests `fails(method, path)` picks, and passes everything
+/// else through.
+pub struct FlakyProxy {
+    pub url: String,
+    failed: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+type Pick = std::sync::Arc<dyn Fn(&str, &str) -> bool + Send + Sync>;
+
+impl FlakyProxy {
+    pub async fn start(
+        upstream: &str,
+        failures: usize,
+        fails: impl Fn(&str, &str) -> bool + Send + Sync + 'static,
+    ) -> Self {
+        use std::sync::atomic::Ordering;
+
+        use axum::body::Bytes;
+        use axum::http::{HeaderMap, Method, StatusCode, Uri};
+        let failed = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let upstream = upstream.trim_end_matches('/').to_string();
+        let http = reqwest::Client::new();
+        let counter = failed.clone();
+        let fails: Pick = std::sync::Arc::new(fails);
+        let app = axum::Router::new().fallback(move |method: Method, uri: Uri, headers: HeaderMap, body: Bytes| {
+            let counter = counter.clone();
+            let http = http.clone();
+            let upstream = upstream.clone();
+            let fails = fails.clone();
+            async move {
+                if fails(method.as_str(), uri.path()) {
+                    if counter.fetch_add(1, Ordering::SeqCst) < failures {
+                        return (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            HeaderMap::new(),
+                            Bytes::from_static(b"unavailable"),
+                        );
+                    }
+                    counter.fetch_sub(1, Ordering::SeqCst);
+                }
+                let target = format!("{upstream}{}", uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"));
+                let mut request = http.request(method, target).body(body);
+                if let Some(ct) = headers.get("content-type") {
+                    request = request.header("content-type", ct);
+                }
+                let response = request.send().await.unwrap();
+                let status = response.status();
+                let mut out = HeaderMap::new();
+                if let Some(ct) = response.headers().get("content-type") {
+                    out.insert("content-type", ct.clone());
+                }
+                (status, out, response.bytes().await.unwrap())
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Self { url, failed }
+    }
+
+    /// How many requests were failed.
+    pub fn failed(&self) -> usize {
+        self.failed.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// Picks the lock writes (`POST /<alias>/_update/<id>`) of index prefix `prefix`.
+pub fn lock_updates(prefix: &str) -> impl Fn(&str, &str) -> bool + Send + Sync + 'static {
+    let path = format!("/{prefix}/_update/");
+    move |method, uri_path| method == "POST" && uri_path.starts_with(&path)
+}
+
+/// Deletes a concrete index by hand (as an admin or an accident would).
+pub async fn delete_index(client: &LockClient, index: &str) {
+    let response = client
+        .elasticsearch()
+        .indices()
+        .delete(elasticsearch::indices::IndicesDeleteParts::Index(&[index]))
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        response.status_code().is_success(),
+        "delete {index}: {}",
+        response.status_code()
+    );
+}
