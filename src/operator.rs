@@ -23,7 +23,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use crate::controller::index::QueueIndex;
-use crate::controller::status::IndexHealth;
+use crate::controller::status::{IndexHealth, reason};
 use crate::controller::{self, Context};
 use crate::crd::{DistributedLock, FIELD_MANAGER, HolderKind};
 use crate::engine::EngineArgs;
@@ -107,11 +107,22 @@ pub async fn run(args: OperatorArgs) -> Result<(), OperatorError> {
             _ => OperatorError::Kube(e),
         })?;
     let locks = LockClient::from_args(&args.engine)?;
-    locks.ensure_ready().await?;
+    let index_health = match locks.ensure_ready().await {
+        Ok(()) => IndexHealth::Reachable,
+        // Needs an admin, not a restart loop: stay up, grant nothing, and say
+        // so on every request (condition, event) and in /readyz.
+        Err(e) if controller::Category::of_lock_error(&e) == controller::Category::Fencing => {
+            tracing::error!(error = %crate::lock::error_line(&e), "the lock index refuses grants");
+            IndexHealth::Failing(reason::FENCING_UNPROVEN, crate::lock::error_line(&e))
+        }
+        Err(e) => return Err(e.into()),
+    };
 
     let metrics = Arc::new(Metrics::default());
     let readiness = Arc::new(Readiness::default());
-    readiness.engine_reachable.store(true, Ordering::Relaxed);
+    readiness
+        .engine_reachable
+        .store(index_health == IndexHealth::Reachable, Ordering::Relaxed);
     let listener = tokio::net::TcpListener::bind(args.http_addr)
         .await
         .map_err(|source| OperatorError::Http {
@@ -148,7 +159,7 @@ pub async fn run(args: OperatorArgs) -> Result<(), OperatorError> {
             .then(|| args.cluster_scope_namespaces.iter().cloned().collect::<HashSet<_>>()),
         max_retry_interval: args.max_retry_interval,
         index: index.clone(),
-        index_health: std::sync::Mutex::new(IndexHealth::Reachable),
+        index_health: std::sync::Mutex::new(index_health),
     });
     tracing::info!(index = %ctx.locks.index(), "operator started");
 

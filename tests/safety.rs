@@ -201,3 +201,54 @@ async fn waiters_show_when_the_index_is_unreachable_too() {
     }
     t.operator.kill();
 }
+
+#[tokio::test]
+async fn a_deleted_lock_index_stops_all_grants_loudly_until_an_admin_recovers() {
+    let prefix = common::unique("op-fence");
+    let Some(t) = Setup::new("fence", &["--index-prefix", &prefix]).await else {
+        return;
+    };
+    t.create("holder", json!({"lockId": "f", "ttl": "3s"})).await;
+    let before = t.granted("holder").await.status.unwrap().fencing_token.unwrap();
+    t.create("waiter", json!({"lockId": "f"})).await;
+    t.pending_at("waiter", 1).await;
+
+    let url = common::es_url().unwrap();
+    let engine = common::lock_client(&url, &prefix);
+    common::delete_index(&engine, &format!("{prefix}-000001")).await;
+
+    // the holder's renewal finds no provable index: every request says so
+    for name in ["holder", "waiter"] {
+        await_lock(&t.api, name, "IndexReachable=False (FencingUnproven)", WAIT, |l| {
+            common::condition(l, "IndexReachable").is_some_and(|c| c.status == "False" && c.reason == "FencingUnproven")
+        })
+        .await;
+    }
+    let warning = t.event("holder", "FencingUnproven").await;
+    assert!(warning.note.unwrap_or_default().contains("lockctl index recover"));
+    assert!(
+        t.operator
+            .metrics()
+            .await
+            .contains(r#"lockmanager_engine_errors_total{operation="extend",category="fencing"}"#)
+    );
+    assert_eq!(phase_of(&t.api.get("waiter").await.unwrap()), Some(Phase::Pending));
+
+    // the admin recovers with a floor above every token handed out
+    let floor = 1_000_000;
+    assert!(before < floor);
+    let out = common::lockctl()
+        .env("ELASTICSEARCH_URL", &url)
+        .env("LOCK_INDEX_PREFIX", &prefix)
+        .args(["index", "recover", "--fencing-floor", &floor.to_string()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    // the old grant is gone with its index: its holder is told, the waiter served
+    await_lock(&t.api, "holder", "Lost or Expired", WAIT, |l| {
+        matches!(phase_of(l), Some(Phase::Lost | Phase::Expired))
+    })
+    .await;
+    let granted = t.granted("waiter").await.status.unwrap().fencing_token.unwrap();
+    assert!(granted > floor, "fencing token {granted} must exceed the floor {floor}");
+}

@@ -16,6 +16,10 @@ pub enum Error {
     Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
     #[error("{0}")]
     Invalid(String),
+    /// The object changed since the copy this reconcile decided from; the
+    /// newer copy is on its way.
+    #[error("the request changed meanwhile; deciding again on the newer copy")]
+    Stale,
 }
 
 /// What kind of failure an error is: a bounded label for metrics and the key
@@ -24,6 +28,8 @@ pub enum Error {
 pub enum Category {
     /// The Kubernetes API refused or failed a request.
     Kube,
+    /// A write decided on a stale copy was refused (compare-and-swap).
+    Conflict,
     /// The finalizer helper failed outside apply/cleanup.
     Finalizer,
     /// The search engine could not be reached (after retries).
@@ -48,8 +54,9 @@ pub enum Category {
 
 impl Category {
     /// Every category, for tests and dashboards.
-    pub const ALL: [Category; 11] = [
+    pub const ALL: [Category; 12] = [
         Category::Kube,
+        Category::Conflict,
         Category::Finalizer,
         Category::Unavailable,
         Category::Engine,
@@ -66,6 +73,7 @@ impl Category {
     pub fn as_str(self) -> &'static str {
         match self {
             Category::Kube => "kube",
+            Category::Conflict => "conflict",
             Category::Finalizer => "finalizer",
             Category::Unavailable => "unavailable",
             Category::Engine => "engine",
@@ -82,7 +90,8 @@ impl Category {
     /// How long to wait before retrying a reconcile that failed this way.
     pub fn backoff(self) -> Duration {
         match self {
-            // conflicts and stale caches settle within moments
+            // a stale cache catches up within moments
+            Category::Conflict => Duration::from_millis(200),
             Category::Kube | Category::Finalizer => Duration::from_millis(500),
             // the engine may come back any moment; its client already retried 3 times
             Category::Unavailable | Category::Engine | Category::Response => Duration::from_secs(2),
@@ -121,6 +130,7 @@ impl Error {
                 _ => Category::Finalizer,
             },
             Error::Invalid(_) => Category::Invalid,
+            Error::Stale => Category::Conflict,
         }
     }
 }

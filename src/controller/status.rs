@@ -185,7 +185,10 @@ fn set_condition(
 }
 
 /// Writes the status with server-side apply under our field manager, unless
-/// nothing changed (so a reconcile does not cause another one).
+/// nothing changed (so a reconcile does not cause another one). The write
+/// carries the resourceVersion of the copy it was decided from: a status
+/// decided on a stale copy (say, Pending, while a newer reconcile already
+/// wrote Granted) is refused (`Error::Stale`) instead of overwriting the newer one.
 pub async fn write(client: &kube::Client, lock: &DistributedLock, next: DistributedLockStatus) -> Result<()> {
     if lock.status.as_ref() == Some(&next) {
         return Ok(());
@@ -194,16 +197,21 @@ pub async fn write(client: &kube::Client, lock: &DistributedLock, next: Distribu
     let patch = json!({
         "apiVersion": "lockmanager.dev/v1alpha1",
         "kind": "DistributedLock",
+        "metadata": {"resourceVersion": lock.resource_version()},
         "status": next,
     });
-    api.patch_status(
-        &lock.name_any(),
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await
-    .map_err(Error::Kube)?;
-    Ok(())
+    match api
+        .patch_status(
+            &lock.name_any(),
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 409 => Err(Error::Stale),
+        Err(e) => Err(Error::Kube(e)),
+    }
 }
 
 /// RFC 3339 with milliseconds, as every time in the status is written.
