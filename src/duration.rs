@@ -46,6 +46,11 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(total))
 }
 
+/// A time as every status field and JSON output writes it: RFC 3339, UTC, milliseconds.
+pub fn format_time(t: chrono::DateTime<chrono::Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
 /// Formats a duration the way [`parse_duration`] reads it (`1h30m`, `45s`, `250ms`).
 pub fn format_duration(d: Duration) -> String {
     let ms = d.as_millis();

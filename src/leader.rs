@@ -64,7 +64,7 @@ pub enum ElectionError {
     },
 }
 
-/// Is a lease held by someone else still valid, judged by when we last saw it change?
+/// Has a lease held by someone else expired, judged by when we last saw it change (our own clock)?
 pub fn lease_expired(observed_change: Instant, lease_duration: Duration, now: Instant) -> bool {
     now.duration_since(observed_change) > lease_duration
 }

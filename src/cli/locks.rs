@@ -218,7 +218,7 @@ pub async fn exec(args: ExecArgs) -> Result<i32, CliError> {
             loop {
                 let until: chrono::DateTime<chrono::Utc> = (*valid.borrow_and_update()).into();
                 let tmp = path.with_extension("tmp");
-                let text = until.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+                let text = crate::duration::format_time(until);
                 if std::fs::write(&tmp, text)
                     .and_then(|_| std::fs::rename(&tmp, &path))
                     .is_err()

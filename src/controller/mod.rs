@@ -12,6 +12,7 @@ pub mod holder;
 pub mod index;
 pub mod pending;
 pub mod status;
+pub mod watch;
 
 use std::collections::HashSet;
 use std::future::Future;

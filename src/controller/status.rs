@@ -1,7 +1,7 @@
 //! The status a request shows: pure builders (decide what the status says),
 //! the condition and reason names, and the one status write.
 
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, Utc};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams};
@@ -214,10 +214,7 @@ pub async fn write(client: &kube::Client, lock: &DistributedLock, next: Distribu
     }
 }
 
-/// RFC 3339 with milliseconds, as every time in the status is written.
-pub fn rfc3339(t: DateTime<Utc>) -> String {
-    t.to_rfc3339_opts(SecondsFormat::Millis, true)
-}
+pub use crate::duration::format_time as rfc3339;
 
 pub use crate::queue::parse_time;
 
