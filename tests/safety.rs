@@ -192,6 +192,9 @@ async fn waiters_show_when_the_index_is_unreachable_too() {
         })
         .await;
     }
+    let readyz = format!("http://127.0.0.1:{}/readyz", t.operator.http_port);
+    let ready = || async { reqwest::get(&readyz).await.map(|r| r.status().as_u16()).unwrap_or(0) };
+    assert_eq!(ready().await, 503, "unready while the index is unreachable");
     proxy.set_up(true);
     for name in ["second", "third"] {
         await_lock(&t.api, name, "IndexReachable=True again", WAIT, |l| {
@@ -199,7 +202,30 @@ async fn waiters_show_when_the_index_is_unreachable_too() {
         })
         .await;
     }
-    t.operator.kill();
+    common::eventually("/readyz to answer 200 again", WAIT, || async {
+        (ready().await == 200).then_some(())
+    })
+    .await;
+
+    // Unready again, the first SIGTERM stops it.
+    proxy.set_up(false);
+    common::eventually("/readyz to answer 503", WAIT, || async {
+        (ready().await == 503).then_some(())
+    })
+    .await;
+    let pid = nix::unistd::Pid::from_raw(t.operator.child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    common::eventually("the operator to exit after one SIGTERM", WAIT, || {
+        let exited = t.operator.child.try_wait().unwrap();
+        async move { exited }
+    })
+    .await;
+    // and its log, written to a file, has no terminal colour codes
+    let log = std::fs::read_to_string(std::env::temp_dir().join(format!("operator-{}.log", t.run))).unwrap();
+    assert!(
+        log.contains("operator started") && !log.contains('\u{1b}'),
+        "plain text log"
+    );
 }
 
 #[tokio::test]
