@@ -96,11 +96,28 @@ pub fn parse_time(text: &str) -> Option<DateTime<Utc>> {
     DateTime::parse_from_rfc3339(text).ok().map(|t| t.with_timezone(&Utc))
 }
 
-/// The waiters for `key` in grant order: Pending, not being deleted.
+/// A waiter whose holderRef names a Job or Pod that does not exist (the
+/// controller said so in its status): it cannot be granted, so it must not
+/// hold up the requests behind it. It keeps its place for when its holder
+/// appears (its arrival does not change).
+pub fn waits_for_its_holder(lock: &DistributedLock) -> bool {
+    lock.status.as_ref().is_some_and(|s| {
+        s.conditions
+            .iter()
+            .any(|c| c.type_ == "Granted" && c.reason == HOLDER_NOT_FOUND)
+    })
+}
+
+/// The reason a waiter whose holder does not exist shows.
+pub const HOLDER_NOT_FOUND: &str = "HolderNotFound";
+
+/// The waiters for `key` in grant order: Pending, not being deleted, and
+/// able to be granted (see [`waits_for_its_holder`]).
 pub fn waiters(all: &[Arc<DistributedLock>], key: &str, seen: &dyn Sightings) -> Vec<Arc<DistributedLock>> {
     let mut queue: Vec<_> = all
         .iter()
         .filter(|l| phase(l) == Phase::Pending && !is_deleting(l) && lock_key(l) == key)
+        .filter(|l| !waits_for_its_holder(l))
         .cloned()
         .collect();
     queue.sort_by_cached_key(|l| queue_order(l, seen));
@@ -216,6 +233,48 @@ mod tests {
             ["first", "second"]
         );
         assert_eq!(position(&waiters(&all, "ns/a", &Unseen), &all[2]), 2);
+    }
+
+    #[test]
+    fn a_waiter_whose_holder_does_not_exist_does_not_hold_up_the_queue() {
+        let mut orphan = with_phase(request("orphan", "ns", "a", 0, 1, 1), Phase::Pending, Some(1));
+        orphan
+            .status
+            .as_mut()
+            .unwrap()
+            .conditions
+            .push(k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+                type_: "Granted".into(),
+                status: "False".into(),
+                reason: HOLDER_NOT_FOUND.into(),
+                message: "waiting for its holder Job j to exist".into(),
+                last_transition_time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                    k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+                ),
+                observed_generation: None,
+            });
+        let next = with_phase(request("next", "ns", "a", 0, 2, 2), Phase::Pending, Some(2));
+        let all: Vec<_> = [orphan, next].into_iter().map(Arc::new).collect();
+        assert_eq!(names(&waiters(&all, "ns/a", &Unseen)), ["next"]);
+        assert_eq!(names(&needing_attention(&all, "ns/a", &Unseen, &|_| false)), ["next"]);
+    }
+
+    #[test]
+    fn editing_a_request_never_moves_it_ahead() {
+        // seen first at resourceVersion 10 and 11; an edit of the later one
+        // (annotations, labels, spec) gives it a newer resourceVersion, never an older one
+        let first = request("first", "ns", "a", 0, 5, 10);
+        let mut second = request("second", "ns", "a", 0, 5, 11);
+        second.metadata.annotations = Some(
+            [(
+                "lockmanager.dev/requested-at".to_string(),
+                "2000-01-01T00:00:00Z".to_string(),
+            )]
+            .into(),
+        );
+        second.metadata.resource_version = Some("12".into());
+        let all: Vec<_> = [second, first].into_iter().map(Arc::new).collect();
+        assert_eq!(names(&waiters(&all, "ns/a", &Unseen)), ["first", "second"]);
     }
 
     #[test]

@@ -150,7 +150,12 @@ pub fn scope_allowed(ctx: &Context, lock: &DistributedLock) -> Result<(), String
 pub async fn reconcile(lock: Arc<DistributedLock>, ctx: &Context, key: &str) -> Result<Action> {
     let holder = holder::fetch(&ctx.client, &lock).await?;
     let members = ctx.index.members(&ctx.store, key);
-    let waiters = queue::waiters(&members, key, &*ctx.index);
+    let mut waiters = queue::waiters(&members, key, &*ctx.index);
+    if queue::waits_for_its_holder(&lock) {
+        // its holder may exist by now: place it where its arrival puts it
+        waiters.push(lock.clone());
+        waiters.sort_by_cached_key(|l| queue::queue_order(l, &*ctx.index));
+    }
     let view = QueueView {
         position: queue::position(&waiters, &lock),
         held_by: queue::holder(&members, key, &|l| ctx.index.just_released(l))

@@ -21,7 +21,7 @@ pub mod reason {
     pub const ACQUIRED: &str = "Acquired";
     pub const WAITING: &str = "Waiting";
     pub const HELD_ELSEWHERE: &str = "HeldElsewhere";
-    pub const HOLDER_NOT_FOUND: &str = "HolderNotFound";
+    pub const HOLDER_NOT_FOUND: &str = crate::queue::HOLDER_NOT_FOUND;
     pub const HOLDER_FINISHED: &str = "HolderFinished";
     pub const HOLDER_GONE: &str = "HolderGone";
     pub const EXPIRED: &str = "Expired";
