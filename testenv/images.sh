@@ -85,8 +85,9 @@ build_pause() {
   local r="$work/bundle/rootfs"
   new_image pause 1
   base_files "$r"
-  install -D -m 0755 /bin/busybox "$r/pause"
-  finish_image pause 1 --config.entrypoint /pause --config.entrypoint sleep --config.entrypoint 2147483647 --config.user 65535:65535
+  # busybox runs the applet named by argv[0], else by argv[1]: keep its own name
+  install -D -m 0755 /bin/busybox "$r/bin/busybox"
+  finish_image pause 1 --config.entrypoint /bin/busybox --config.entrypoint sleep --config.entrypoint 2147483647 --config.user 65535:65535
 }
 
 build_busybox() {

@@ -221,7 +221,12 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
     max_conf_num = 1
 EOF
   log "starting containerd ($(containerd --version | awk '{print $3}')) on $containerd_sock"
-  setsid nsenter -t "$(cat "$run/node-ns.pid")" -m -- containerd --config "$c/config.toml" \
+  # Images are imported, never pulled: a pull (a Pod without imagePullPolicy: Never
+  # whose image is missing) goes to a proxy on 127.0.0.1:9 that is not there, so it
+  # fails at once and never resolves or reaches a registry.
+  setsid env HTTP_PROXY=http://127.0.0.1:9 HTTPS_PROXY=http://127.0.0.1:9 NO_PROXY= \
+    http_proxy=http://127.0.0.1:9 https_proxy=http://127.0.0.1:9 no_proxy= \
+    nsenter -t "$(cat "$run/node-ns.pid")" -m -- containerd --config "$c/config.toml" \
     </dev/null >"$run/containerd.log" 2>&1 &
   echo $! >"$run/containerd.pid"
 }
