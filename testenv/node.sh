@@ -13,6 +13,18 @@
 # - containers live in a cgroup of our own (cgroupRoot /klm-<apiserver port>);
 # - `down` kills what runs in that namespace and cgroup (by pid), deletes the bridge
 #   and cgroups, and checks the host's sysctls are as `up` found them.
+#
+# Pods and the services (the gotchas):
+# - the API server listens on 127.0.0.1 only and there is no kube-proxy: a Pod that
+#   talks to it uses hostNetwork: true and sets KUBERNETES_SERVICE_HOST=127.0.0.1,
+#   KUBERNETES_SERVICE_PORT=$KLM_APISERVER_PORT (its serving certificate names
+#   127.0.0.1, and kube-root-ca.crt is the CA that signed it); the search node is
+#   http://127.0.0.1:$KLM_ES_PORT from such a Pod. The Service IP 10.96.0.1 leads nowhere.
+# - a host-network Pod's IP is the node IP (the bridge's address): probes go there, so
+#   an httpGet probe of a host-network Pod needs `host: 127.0.0.1` (or a listener on it).
+# - images are imported (testenv/images.sh), never pulled: use imagePullPolicy: Never
+#   (or IfNotPresent with a non-latest tag); a pull fails at once on a dead loopback proxy.
+# - pods get no DNS (resolvConf ""), hence the harmless MissingClusterDNS events.
 
 node_dir="$run/node"
 node_name="${KLM_NODE_NAME:-testenv-node}"
