@@ -2,6 +2,7 @@
 # Smoke check of the test environment's real node (`testenv/testenv up --node`).
 # Images are imported, never pulled: every Pod says imagePullPolicy: Never.
 #  - a Pod from local/busybox:1 on the pod network runs, gets a bridge address, logs;
+#  - a Pod reaches another Pod's address over the node's bridge;
 #  - a host-network Pod reaches the API server on 127.0.0.1 and has its projected
 #    ServiceAccount token (what in-cluster clients such as `lockctl wait` use);
 #  - a Job from the same image completes through the real Job controller;
@@ -77,6 +78,39 @@ node_ip="$(kubectl get node "$KLM_NODE_NAME" -o 'jsonpath={.status.addresses[?(@
 [[ "${pod_ip%.*}" == "${node_ip%.*}" && "$pod_ip" != "$node_ip" ]] ||
   fail "pod IP $pod_ip is not on the node's bridge subnet ($node_ip)"
 echo "    $(kubectl -n "$ns" logs echo) (node $node_ip)"
+
+step "Pod to Pod over the node's bridge"
+kubectl -n "$ns" apply -f - >/dev/null <<'YAML'
+apiVersion: v1
+kind: Pod
+metadata: {name: server}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: httpd
+    image: local/busybox:1
+    imagePullPolicy: Never
+    command: [sh, -c, 'mkdir -p /tmp/www && echo pong > /tmp/www/index.html && exec httpd -f -p 8080 -h /tmp/www']
+YAML
+wait_until "pod server Running" jsonpath_is true pod/server '{.status.containerStatuses[0].ready}'
+ip="$(kubectl -n "$ns" get pod server -o 'jsonpath={.status.podIP}')"
+kubectl -n "$ns" apply -f - >/dev/null <<YAML
+apiVersion: v1
+kind: Pod
+metadata: {name: client}
+spec:
+  restartPolicy: Never
+  containers:
+  - name: wget
+    image: local/busybox:1
+    imagePullPolicy: Never
+    # httpd may still be starting: a few tries, a second apart (no -T: it crashes busybox-static 1.35 wget)
+    command: [sh, -c, 'for i in 1 2 3 4 5 6 7 8 9 10; do wget -q -O- "http://$ip:8080/" && exit 0; sleep 1; done; exit 1']
+YAML
+wait_until "pod client Succeeded" succeeded client
+wait_until "pod client got the answer" logs_contain client pong
+echo "    client got '$(kubectl -n "$ns" logs client)' from $ip:8080"
+kubectl -n "$ns" delete pod server --wait=false >/dev/null
 
 step "a host-network Pod authenticates to the API server on 127.0.0.1 with its ServiceAccount token"
 kubectl -n "$ns" apply -f - >/dev/null <<YAML
