@@ -126,7 +126,9 @@ import_one() {
   [[ -f "$images/$name.tar" ]] || die "$images/$name.tar is missing: run \`testenv/images.sh build $name\`"
   tag="$(cat "$images/$name.tag")"
   ctr --address "$sock" -n k8s.io images import --base-name "docker.io/local/$name" "$images/$name.tar" >/dev/null
-  ctr --address "$sock" -n k8s.io images ls -q | grep -qx "docker.io/local/$name:$tag" ||
+  local refs
+  refs="$(ctr --address "$sock" -n k8s.io images ls -q)" # (not piped into grep -q: SIGPIPE under pipefail)
+  grep -qx "docker.io/local/$name:$tag" <<<"$refs" ||
     die "importing $name did not create docker.io/local/$name:$tag"
   log "imported docker.io/local/$name:$tag"
 }

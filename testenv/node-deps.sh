@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs, when missing, the Debian packages the node needs: containerd (1.6,
 # with its CRI plugin), runc, the CNI plugins, umoci (OCI image building) and
-# busybox-static (pause and workload images). Needs root and the Debian archive.
+# busybox-static (pause and workload images), util-linux, iproute2 and jq.
+# Needs root and the Debian archive.
 set -euo pipefail
 log() { echo "testenv: $*" >&2; }
 need=()
@@ -13,6 +14,7 @@ have umoci || need+=(umoci)
 [[ -x /bin/busybox ]] || need+=(busybox-static)
 have unshare && have nsenter || need+=(util-linux)
 have ip || need+=(iproute2)
+have jq || need+=(jq) # tests/image.sh
 ((${#need[@]} == 0)) && exit 0
 [[ $(id -u) == 0 ]] || { log "error: missing packages (${need[*]}); install them as root: apt-get install -y ${need[*]}"; exit 1; }
 log "installing ${need[*]} from the Debian archive"

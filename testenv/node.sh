@@ -130,7 +130,7 @@ node_prepare_host() {
   done
   # our bridge, with the node's address (the kubelet refuses a loopback node IP)
   if ! ip link show "$node_bridge" >/dev/null 2>&1; then
-    if ip -4 route show | grep -q "^$node_subnet_prefix\."; then
+    if grep -q "^$node_subnet_prefix\." <<<"$(ip -4 route show)"; then
       die "$node_subnet_prefix.0/24 is already routed on this host; set KLM_NODE_SUBNET_PREFIX (e.g. 10.214.1)"
     fi
     ip link add "$node_bridge" type bridge
@@ -388,7 +388,7 @@ node_down() {
   if ip link show "$node_bridge" >/dev/null 2>&1; then
     deadline=$((SECONDS + 10))
     # the pods' veths vanish with their network namespaces
-    while ip -o link show master "$node_bridge" 2>/dev/null | grep -q . && ((SECONDS < deadline)); do sleep 0.2; done
+    while [[ -n "$(ip -o link show master "$node_bridge" 2>/dev/null)" ]] && ((SECONDS < deadline)); do sleep 0.2; done
     ip link del "$node_bridge"
   fi
   local h
@@ -415,7 +415,7 @@ node_check_clean() {
   for h in /sys/fs/cgroup/*/; do
     [[ -d "$h${node_cgroup#/}" ]] && { log "error: cgroup $h${node_cgroup#/} remains"; bad=1; }
   done
-  if [[ -d /run/netns ]] && ls /run/netns | grep -q .; then log "note: /run/netns has entries (not ours: ours lived in a private /run)"; fi
+  if [[ -d /run/netns && -n "$(ls /run/netns)" ]]; then log "note: /run/netns has entries (not ours: ours lived in a private /run)"; fi
   ((bad == 0)) && log "node stopped; host sysctls, mounts, bridge and cgroups are as before"
   ((bad == 0))
 }

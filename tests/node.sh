@@ -36,7 +36,7 @@ jsonpath_is() { # want resource jsonpath
   got="$(kubectl -n "$ns" get "$2" -o "jsonpath=$3")"
   [[ "$got" == "$1" ]] || { echo "$2 $3 = '$got'"; return 1; }
 }
-logs_contain() { kubectl -n "$ns" logs "$1" | grep -qF -- "$2"; }
+logs_contain() { local logs; logs="$(kubectl -n "$ns" logs "$1")" && grep -qF -- "$2" <<<"$logs"; }
 # exit status 99 stops wait_until at once
 succeeded() {
   if [[ "$(kubectl -n "$ns" get pod "$1" -o 'jsonpath={.status.phase}')" == Failed ]]; then
