@@ -41,6 +41,10 @@ containerd_sock="$run/containerd/containerd.sock"
 node_sysctls=(vm/overcommit_memory vm/panic_on_oom kernel/panic kernel/panic_on_oops
   kernel/keys/root_maxkeys kernel/keys/root_maxbytes net/ipv4/ip_forward)
 node_services=(node-ns containerd kubelet kube-controller-manager kube-scheduler)
+# where these programs write by default: none may appear on the host (ours are under $run)
+node_host_paths=(/var/lib/kubelet /var/lib/containerd /var/lib/cni /var/log/pods /var/log/containers
+  /etc/cni /opt/containerd /run/containerd /run/netns /usr/libexec/kubernetes /etc/kubernetes)
+existing_host_paths() { local p; for p in "${node_host_paths[@]}"; do [[ -e "$p" ]] && echo "$p"; done; true; }
 
 node_enabled() { [[ -f "$run/node.enabled" ]]; }
 
@@ -124,6 +128,7 @@ node_prepare_host() {
   mkdir -p "$node_dir"/{sysctl,var-lib,var-log,kubelet,cni/net.d,cni/ipam,volume-plugins} "$run/containerd"
   # what the host looked like before: `down` checks it is the same again
   [[ -f "$node_dir/host-sysctls" ]] || read_sysctls >"$node_dir/host-sysctls"
+  [[ -f "$node_dir/host-paths" ]] || existing_host_paths >"$node_dir/host-paths"
   local s
   for s in "${node_sysctls[@]}"; do
     [[ -f "$node_dir/sysctl/${s//\//.}" ]] || cat "/proc/sys/$s" >"$node_dir/sysctl/${s//\//.}"
@@ -298,7 +303,7 @@ start_controller_manager() {
     --leader-elect=false --controllers '*' --use-service-account-credentials \
     --service-account-private-key-file "$d/sa.key" --root-ca-file "$d/ca.crt" \
     --cluster-signing-cert-file "$d/ca.crt" --cluster-signing-key-file "$d/ca.key" \
-    --cluster-name testenv \
+    --cluster-name testenv --flex-volume-plugin-dir "$node_dir/volume-plugins" \
     </dev/null >"$run/kube-controller-manager.log" 2>&1 &
   echo $! >"$run/kube-controller-manager.pid"
 }
@@ -410,13 +415,17 @@ node_check_clean() {
       bad=1
     fi
   fi
+  if [[ -f "$node_dir/host-paths" ]] && ! diff <(existing_host_paths) "$node_dir/host-paths" >/dev/null; then
+    log "error: paths appeared on the host: $(comm -23 <(existing_host_paths) "$node_dir/host-paths" | tr '\n' ' ')"
+    bad=1
+  fi
   if grep -qF "$run" /proc/self/mountinfo; then log "error: mounts under $run remain"; bad=1; fi
   if ip link show "$node_bridge" >/dev/null 2>&1; then log "error: bridge $node_bridge remains"; bad=1; fi
   for h in /sys/fs/cgroup/*/; do
     [[ -d "$h${node_cgroup#/}" ]] && { log "error: cgroup $h${node_cgroup#/} remains"; bad=1; }
   done
   if [[ -d /run/netns && -n "$(ls /run/netns)" ]]; then log "note: /run/netns has entries (not ours: ours lived in a private /run)"; fi
-  ((bad == 0)) && log "node stopped; host sysctls, mounts, bridge and cgroups are as before"
+  ((bad == 0)) && log "node stopped; host sysctls, mounts, bridge, cgroups and default state paths are as before"
   ((bad == 0))
 }
 
