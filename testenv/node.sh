@@ -327,6 +327,7 @@ node_ready() {
 }
 default_sa_ready() { kctl -n default get serviceaccount default && kctl -n default get configmap kube-root-ca.crt; }
 healthz() { curl -skf "https://127.0.0.1:$1/healthz" | grep -qx ok; }
+kubelet_healthz() { [[ "$(curl -sf "http://127.0.0.1:$kubelet_healthz_port/healthz")" == ok ]]; }
 
 # Phase 1, before the apiserver is ready: host preparation, namespace, containerd, images.
 node_up_early() {
@@ -347,6 +348,7 @@ node_up_late() {
   start_scheduler
   wait_service kube-controller-manager "$run/kube-controller-manager.pid" healthz "$kcm_port"
   wait_service kube-scheduler "$run/kube-scheduler.pid" healthz "$scheduler_port"
+  wait_service kubelet "$run/kubelet.pid" kubelet_healthz
   log "waiting for node $node_name to be Ready"
   wait_service kubelet "$run/kubelet.pid" node_ready
   wait_service kube-controller-manager "$run/kube-controller-manager.pid" default_sa_ready
