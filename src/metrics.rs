@@ -50,72 +50,69 @@ pub struct Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("lockmanager");
-        let grants = Counter::default();
-        let releases = Counter::default();
-        let expiries = Counter::default();
-        let losses = Counter::default();
-        let timeouts = Counter::default();
-        let reconciliations = Counter::default();
-        let wait_seconds = Histogram::new(exponential_buckets(0.005, 2.0, 20));
-        let hold_seconds = Histogram::new(exponential_buckets(0.01, 2.0, 24));
-        let handoff_seconds = Histogram::new(exponential_buckets(0.001, 2.0, 16));
-        let holders = Gauge::default();
-        let waiters = Gauge::default();
-        let engine_request_seconds = Family::<OperationLabels, Histogram>::new_with_constructor(|| {
-            Histogram::new(exponential_buckets(0.001, 2.0, 16))
-        });
-        let engine_errors = Family::<ErrorLabels, Counter>::default();
-        let reconcile_errors = Family::<CategoryLabels, Counter>::default();
-        let leader = Gauge::default();
-        let undecodable_objects = Counter::default();
-        registry.register("grants", "Locks granted", grants.clone());
-        registry.register("releases", "Locks released by the controller", releases.clone());
-        registry.register("expiries", "Leases that ran out before renewal", expiries.clone());
-        registry.register(
+        let r = &mut registry;
+        let latency = || Histogram::new(exponential_buckets(0.001, 2.0, 16));
+        let grants = registered(r, "grants", "Locks granted", Counter::default());
+        let releases = registered(r, "releases", "Locks released by the controller", Counter::default());
+        let expiries = registered(r, "expiries", "Leases that ran out before renewal", Counter::default());
+        let losses = registered(
+            r,
             "losses",
             "Locks found taken by another owner at renewal",
-            losses.clone(),
+            Counter::default(),
         );
-        registry.register(
+        let timeouts = registered(
+            r,
             "timeouts",
             "Requests that gave up waiting (acquireTimeout)",
-            timeouts.clone(),
+            Counter::default(),
         );
-        registry.register("reconciliations", "Reconciliations run", reconciliations.clone());
-        registry.register(
+        let reconciliations = registered(r, "reconciliations", "Reconciliations run", Counter::default());
+        let wait_seconds = registered(
+            r,
             "wait_seconds",
             "Time from request creation to grant",
-            wait_seconds.clone(),
+            Histogram::new(exponential_buckets(0.005, 2.0, 20)),
         );
-        registry.register("hold_seconds", "Time from grant to release", hold_seconds.clone());
-        registry.register(
+        let hold_seconds = registered(
+            r,
+            "hold_seconds",
+            "Time from grant to release",
+            Histogram::new(exponential_buckets(0.01, 2.0, 24)),
+        );
+        let handoff_seconds = registered(
+            r,
             "handoff_seconds",
             "Time from a release by this controller to the next waiter's grant",
-            handoff_seconds.clone(),
+            latency(),
         );
-        registry.register("holders", "Requests currently Granted", holders.clone());
-        registry.register("waiters", "Requests currently Pending", waiters.clone());
-        registry.register(
+        let holders = registered(r, "holders", "Requests currently Granted", Gauge::default());
+        let waiters = registered(r, "waiters", "Requests currently Pending", Gauge::default());
+        let engine_request_seconds = registered(
+            r,
             "engine_request_seconds",
             "Latency of lock index requests by operation",
-            engine_request_seconds.clone(),
+            Family::<OperationLabels, Histogram>::new_with_constructor(latency),
         );
-        registry.register(
+        let engine_errors = registered(
+            r,
             "engine_errors",
             "Failed lock index requests by operation and category",
-            engine_errors.clone(),
+            Family::<ErrorLabels, Counter>::default(),
         );
-        registry.register(
+        let undecodable_objects = registered(
+            r,
             "undecodable_objects",
             "Objects the controller could not decode and skipped",
-            undecodable_objects.clone(),
+            Counter::default(),
         );
-        registry.register(
+        let reconcile_errors = registered(
+            r,
             "reconcile_errors",
             "Reconcile errors by category",
-            reconcile_errors.clone(),
+            Family::<CategoryLabels, Counter>::default(),
         );
-        registry.register("leader", "1 while this replica is the leader", leader.clone());
+        let leader = registered(r, "leader", "1 while this replica is the leader", Gauge::default());
         Self {
             registry,
             grants,
@@ -136,6 +133,17 @@ impl Default for Metrics {
             leader,
         }
     }
+}
+
+/// Registers `metric` under `name` and hands it back (metrics are cheap handles).
+fn registered<M: prometheus_client::registry::Metric + Clone>(
+    registry: &mut Registry,
+    name: &str,
+    help: &str,
+    metric: M,
+) -> M {
+    registry.register(name, help, metric.clone());
+    metric
 }
 
 impl Metrics {

@@ -373,17 +373,11 @@ async fn no_two_holders_and_nothing_stuck_under_faults() {
     let lease_name = common::unique("chaos-leader");
     let replicas = Arc::new(Replicas {
         children: Mutex::new(Vec::new()),
-        args: vec![
-            "--selector".into(),
-            format!("{}={run}", common::RUN_LABEL),
-            "--leader-elect".into(),
-            "--leader-election-namespace".into(),
-            ns.clone(),
-            "--leader-election-name".into(),
-            lease_name.clone(),
-            "--lease-duration".into(),
-            "3s".into(),
-        ],
+        args: [
+            vec!["--selector".to_string(), format!("{}={run}", common::RUN_LABEL)],
+            common::leader_election_args(&ns, &lease_name),
+        ]
+        .concat(),
         log_dir: std::env::temp_dir(),
     });
     for identity in ["chaos-a", "chaos-b"] {
@@ -434,13 +428,7 @@ async fn no_two_holders_and_nothing_stuck_under_faults() {
         cycles.fetch_add(1, Ordering::Relaxed);
         tokio::time::sleep(Duration::from_secs(4)).await;
         // 1. SIGKILL the leading operator replica
-        if let Some(leader) = leases
-            .get_opt(&lease_name)
-            .await
-            .ok()
-            .flatten()
-            .and_then(|l| l.spec?.holder_identity)
-        {
+        if let Some(leader) = current_leader(&leases, &lease_name).await {
             history.fault(&format!("SIGKILL operator leader {leader}"));
             replicas.kill(&leader);
         }
@@ -478,13 +466,7 @@ async fn no_two_holders_and_nothing_stuck_under_faults() {
         }
         tokio::time::sleep(Duration::from_secs(3)).await;
         // 5. combined: the leader and the search node at once
-        if let Some(leader) = leases
-            .get_opt(&lease_name)
-            .await
-            .ok()
-            .flatten()
-            .and_then(|l| l.spec?.holder_identity)
-        {
+        if let Some(leader) = current_leader(&leases, &lease_name).await {
             history.fault(&format!("SIGKILL operator leader {leader} + SIGKILL search node"));
             replicas.kill(&leader);
         }
@@ -553,4 +535,9 @@ async fn no_two_holders_and_nothing_stuck_under_faults() {
         history.unreachable_seen.load(Ordering::Relaxed),
         "no request was marked IndexReachable=False while the search node was down"
     );
+}
+
+/// The identity holding the leader Lease, if any.
+async fn current_leader(leases: &Api<Lease>, name: &str) -> Option<String> {
+    leases.get_opt(name).await.ok().flatten()?.spec?.holder_identity
 }

@@ -30,17 +30,11 @@ async fn the_standby_takes_over_when_the_leader_is_killed() {
     let run = common::unique("ha");
     let lease_name = common::unique("leader");
     let args = |identity: &'static str| {
-        vec![
-            "--leader-elect".to_string(),
-            "--leader-election-namespace".into(),
-            ns.clone(),
-            "--leader-election-name".into(),
-            lease_name.clone(),
-            "--lease-duration".into(),
-            "3s".into(),
-            "--identity".into(),
-            identity.into(),
+        [
+            common::leader_election_args(&ns, &lease_name),
+            vec!["--identity".to_string(), identity.to_string()],
         ]
+        .concat()
     };
     let a_args = args("replica-a");
     let b_args = args("replica-b");

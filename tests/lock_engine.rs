@@ -82,13 +82,7 @@ async fn second_acquirer_fails_and_first_metadata_is_kept() {
     assert_eq!(seen.token, first.token);
     assert_eq!(seen.metadata["who"], "first");
     // different lock ids don't interfere
-    assert!(
-        client
-            .acquire(&other, Duration::from_secs(30), json!({}))
-            .await
-            .unwrap()
-            .is_some()
-    );
+    assert!(acquires(&client, &other).await);
 }
 
 #[tokio::test]
@@ -684,13 +678,7 @@ async fn an_expired_lease_is_not_extended_and_its_holder_is_told() {
         .unwrap();
     assert_eq!(outcome, ExtendOutcome::NotHeld);
     // the next waiter is served
-    assert!(
-        client
-            .acquire(&id, Duration::from_secs(30), json!({}))
-            .await
-            .unwrap()
-            .is_some()
-    );
+    assert!(acquires(&client, &id).await);
 }
 
 #[tokio::test]
@@ -1006,4 +994,13 @@ async fn an_older_deployments_wildcard_template_does_not_stop_setup() {
         .unwrap()
         .expect("setup and grant despite the overlapping template");
     assert_eq!(staging.get("x").await.unwrap().unwrap().token, lock.token);
+}
+
+/// True when a fresh 30 s acquire of `id` succeeds (the key is free).
+async fn acquires(client: &kube_lock_manager::lock::LockClient, id: &str) -> bool {
+    client
+        .acquire(id, Duration::from_secs(30), json!({}))
+        .await
+        .expect("acquire")
+        .is_some()
 }

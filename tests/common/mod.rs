@@ -493,3 +493,19 @@ pub async fn delete_index(client: &LockClient, index: &str) {
         response.status_code()
     );
 }
+
+/// The flags of an operator replica that takes part in leader election on
+/// the Lease `lease` in `ns` with a short (3 s) lease.
+pub fn leader_election_args(ns: &str, lease: &str) -> Vec<String> {
+    [
+        "--leader-elect",
+        "--leader-election-namespace",
+        ns,
+        "--leader-election-name",
+        lease,
+        "--lease-duration",
+        "3s",
+    ]
+    .map(String::from)
+    .to_vec()
+}
