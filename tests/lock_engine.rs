@@ -136,11 +136,7 @@ async fn waiting_acquirer_gets_the_lock_once_released() {
     let Some(url) = common::es_url() else { return };
     let client = client(&url);
     let id = common::unique("wait");
-    let holder = client
-        .acquire(&id, Duration::from_secs(30), json!({}))
-        .await
-        .unwrap()
-        .unwrap();
+    let holder = must_acquire(&client, &id, Duration::from_secs(30)).await;
     let waiter = {
         let client = client.clone();
         let id = id.clone();
@@ -166,11 +162,7 @@ async fn extend_moves_expiry_forward_and_fails_after_release() {
     let Some(url) = common::es_url() else { return };
     let client = client(&url);
     let id = common::unique("extend");
-    let lock = client
-        .acquire(&id, Duration::from_secs(5), json!({}))
-        .await
-        .unwrap()
-        .unwrap();
+    let lock = must_acquire(&client, &id, Duration::from_secs(5)).await;
     assert!(
         client
             .extend(&id, &lock.token, Duration::from_secs(60), None)
@@ -230,11 +222,7 @@ async fn concurrent_non_holders_cannot_steal_a_held_lock() {
     let Some(url) = common::es_url() else { return };
     let client = client(&url);
     let id = common::unique("steal");
-    let holder = client
-        .acquire(&id, Duration::from_secs(30), json!({}))
-        .await
-        .unwrap()
-        .unwrap();
+    let holder = must_acquire(&client, &id, Duration::from_secs(30)).await;
     let thieves = (0..20).map(|_| {
         let client = client.clone();
         let id = id.clone();
@@ -269,11 +257,7 @@ async fn token_changed_behind_the_holders_back_blocks_release() {
     let Some(url) = common::es_url() else { return };
     let client = client(&url);
     let id = common::unique("tamper");
-    let lock = client
-        .acquire(&id, Duration::from_secs(30), json!({}))
-        .await
-        .unwrap()
-        .unwrap();
+    let lock = must_acquire(&client, &id, Duration::from_secs(30)).await;
     client
         .elasticsearch()
         .update(UpdateParts::IndexId(client.index(), &id))
@@ -293,11 +277,7 @@ async fn successive_acquisitions_get_fresh_tokens_and_growing_fencing_tokens() {
     let mut tokens = Vec::new();
     let mut fencing = Vec::new();
     for _ in 0..5 {
-        let lock = client
-            .acquire(&id, Duration::from_secs(30), json!({}))
-            .await
-            .unwrap()
-            .unwrap();
+        let lock = must_acquire(&client, &id, Duration::from_secs(30)).await;
         // extensions in between must not disturb the order
         assert!(
             client
@@ -393,11 +373,7 @@ async fn with_lock_releases_after_an_error_and_refuses_a_held_lock() {
     assert_eq!(err.to_string(), "boom");
     assert!(client.get(&id).await.unwrap().is_none(), "released after an error");
 
-    let holder = client
-        .acquire(&id, Duration::from_secs(30), json!({}))
-        .await
-        .unwrap()
-        .unwrap();
+    let holder = must_acquire(&client, &id, Duration::from_secs(30)).await;
     let ran = AtomicUsize::new(0);
     let result = client
         .with_lock(&id, WithLockOptions::default(), |_| async {
@@ -645,15 +621,8 @@ async fn an_expired_lease_is_not_extended_and_its_holder_is_told() {
     let Some(url) = common::es_url() else { return };
     let client = client(&url);
     let id = common::unique("extend-expired");
-    let lock = client
-        .acquire(&id, Duration::from_secs(1), json!({}))
-        .await
-        .unwrap()
-        .unwrap();
-    common::eventually("the lease to run out", Duration::from_secs(5), || async {
-        client.get(&id).await.unwrap().is_none().then_some(())
-    })
-    .await;
+    let lock = must_acquire(&client, &id, Duration::from_secs(1)).await;
+    until_expired(&client, &id).await;
     let outcome = client
         .extend_lease(&id, &lock.token, Duration::from_secs(30), Some(lock.fencing_token))
         .await
@@ -686,15 +655,8 @@ async fn a_lease_renewal_reports_lost_when_its_lease_expired() {
     let Some(url) = common::es_url() else { return };
     let client = client(&url);
     let id = common::unique("lease-expired");
-    let lock = client
-        .acquire(&id, Duration::from_millis(400), json!({}))
-        .await
-        .unwrap()
-        .unwrap();
-    common::eventually("the lease to run out", Duration::from_secs(5), || async {
-        client.get(&id).await.unwrap().is_none().then_some(())
-    })
-    .await;
+    let lock = must_acquire(&client, &id, Duration::from_millis(400)).await;
+    until_expired(&client, &id).await;
     // renewals every ttl/4 = 1 s start only after the lease ran out
     let lease = kube_lock_manager::lock::Lease::start(
         client.clone(),
@@ -749,11 +711,7 @@ async fn every_printable_ascii_id_round_trips_or_is_refused() {
     }
     // slashes and dots inside one id stay one document id
     for id in [format!("{base}/x"), format!("{base}/..x"), format!("{base}:y/z.")] {
-        let lock = client
-            .acquire(&id, Duration::from_secs(30), json!({}))
-            .await
-            .unwrap()
-            .unwrap();
+        let lock = must_acquire(&client, &id, Duration::from_secs(30)).await;
         assert_eq!(client.get(&id).await.unwrap().unwrap().token, lock.token, "{id}");
     }
 }
@@ -768,11 +726,7 @@ async fn a_retried_acquire_with_the_same_token_keeps_its_fencing_token() {
     let req = AcquireRequest::new(&id, Duration::from_secs(30), json!({"try": 1}));
     let first = client.try_acquire(&req).await.unwrap().unwrap();
     for attempt in 2..5 {
-        let other = client
-            .acquire(&noise, Duration::from_secs(30), json!({}))
-            .await
-            .unwrap()
-            .unwrap();
+        let other = must_acquire(&client, &noise, Duration::from_secs(30)).await;
         client.release(&noise, &other.token).await.unwrap();
         let again = client
             .try_acquire(&req)
@@ -798,11 +752,7 @@ async fn a_retried_acquire_with_the_same_token_keeps_its_fencing_token() {
         first.fencing_token
     );
     assert!(client.release(&id, &first.token).await.unwrap());
-    let next = client
-        .acquire(&id, Duration::from_secs(30), json!({}))
-        .await
-        .unwrap()
-        .unwrap();
+    let next = must_acquire(&client, &id, Duration::from_secs(30)).await;
     assert!(
         next.fencing_token > first.fencing_token,
         "{} > {}",
@@ -1003,4 +953,25 @@ async fn acquires(client: &kube_lock_manager::lock::LockClient, id: &str) -> boo
         .await
         .expect("acquire")
         .is_some()
+}
+
+/// A fresh acquire of `id` that must succeed.
+async fn must_acquire(
+    client: &kube_lock_manager::lock::LockClient,
+    id: &str,
+    ttl: Duration,
+) -> kube_lock_manager::lock::Lock {
+    client
+        .acquire(id, ttl, json!({}))
+        .await
+        .expect("acquire")
+        .unwrap_or_else(|| panic!("{id} is free and must be acquired"))
+}
+
+/// Waits until the lease of `id` has run out (by the engine's clock).
+async fn until_expired(client: &kube_lock_manager::lock::LockClient, id: &str) {
+    common::eventually("the lease to run out", Duration::from_secs(5), || async {
+        client.get(id).await.unwrap().is_none().then_some(())
+    })
+    .await;
 }
