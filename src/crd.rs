@@ -14,6 +14,8 @@ use crate::duration::{DURATION_PATTERN, parse_duration};
 
 /// Finalizer that keeps a request until its lock is released.
 pub const FINALIZER: &str = "lockmanager.dev/release";
+/// The annotation that asks for suspend gating of a Job: the lockId it needs.
+pub const LOCK_ANNOTATION: &str = "lockmanager.dev/lock";
 /// Field manager of everything the controller writes.
 pub const FIELD_MANAGER: &str = "kube-lock-manager";
 /// Lease length when `spec.ttl` is unset (Kibana's default).
@@ -85,7 +87,7 @@ pub struct DistributedLockSpec {
     /// Free-form data stored with the lock document (never indexed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "free_form_object")]
-    pub metadata: Option<Value>,
+    pub metadata: Option<FreeForm>,
 
     /// Display text for who holds the lock; default: the holderRef, else the object's name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -211,6 +213,47 @@ pub struct DistributedLockStatus {
     /// Released, Expired, Lost, Timeout, ScopeNotAllowed, IndexUnreachable...).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+}
+
+/// Free-form JSON kept as the API server sent it: decoding it never fails,
+/// however deeply it nests (a request whose metadata is too deep to use is
+/// told so by the controller instead of breaking the watch).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct FreeForm(Box<serde_json::value::RawValue>);
+
+impl FreeForm {
+    /// Free-form JSON from a value.
+    pub fn from_value(value: &Value) -> Self {
+        Self(serde_json::value::to_raw_value(value).unwrap_or_else(|_| Self::empty().0))
+    }
+
+    fn empty() -> Self {
+        Self(serde_json::value::RawValue::from_string("{}".into()).expect("{} is JSON"))
+    }
+
+    /// The JSON as a value; `Err` when it nests too deeply to decode.
+    pub fn to_value(&self) -> Result<Value, String> {
+        serde_json::from_str(self.0.get()).map_err(|e| e.to_string())
+    }
+
+    /// The JSON text.
+    pub fn as_str(&self) -> &str {
+        self.0.get()
+    }
+}
+
+impl PartialEq for FreeForm {
+    /// The same JSON, whatever its formatting.
+    fn eq(&self, other: &Self) -> bool {
+        if self.0.get() == other.0.get() {
+            return true;
+        }
+        match (self.to_value(), other.to_value()) {
+            (Ok(a), Ok(b)) => a == b,
+            _ => false,
+        }
+    }
 }
 
 fn free_form_object(_: &mut SchemaGenerator) -> Schema {

@@ -16,11 +16,11 @@ use kube::runtime::controller::Action;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 
-use crate::controller::holder::job_finished;
+use crate::controller::holder::{job_finished, request_names};
 use crate::controller::{Context, Error, events};
-use crate::crd::{DistributedLock, DistributedLockSpec, HolderKind, HolderRef, LockScope, Phase};
+use crate::crd::{DistributedLock, DistributedLockSpec, FreeForm, HolderKind, HolderRef, LockScope, Phase};
 
-pub const LOCK_ANNOTATION: &str = "lockmanager.dev/lock";
+pub use crate::crd::LOCK_ANNOTATION;
 pub const TTL_ANNOTATION: &str = "lockmanager.dev/ttl";
 pub const SCOPE_ANNOTATION: &str = "lockmanager.dev/scope";
 pub const PRIORITY_ANNOTATION: &str = "lockmanager.dev/priority";
@@ -82,17 +82,6 @@ pub fn next_step(job: &Job, request: Option<&DistributedLock>) -> GateStep {
     }
 }
 
-/// The names a Job's request may have: the Job's own, or — when a request of
-/// that name that is not this Job's already exists — one made unique with
-/// the Job's UID (deterministic, so a retry finds what it created).
-pub fn request_names(job: &Job) -> [String; 2] {
-    let name = job.name_any();
-    let uid = job.uid().unwrap_or_default();
-    let suffix: String = uid.chars().filter(|c| c.is_ascii_alphanumeric()).take(8).collect();
-    let stem: String = name.chars().take(253 - 1 - suffix.len()).collect();
-    [name, format!("{}-{suffix}", stem.trim_end_matches(['-', '.']))]
-}
-
 /// The request for a gated Job, from its annotations. Errors name the annotation.
 pub fn request_for(job: &Job, name: &str) -> Result<DistributedLock, String> {
     let annotations = job.annotations();
@@ -118,7 +107,7 @@ pub fn request_for(job: &Job, name: &str) -> Result<DistributedLock, String> {
             lock_id,
             scope,
             ttl: annotations.get(TTL_ANNOTATION).cloned(),
-            metadata: Some(json!({"job": job.name_any()})),
+            metadata: Some(FreeForm::from_value(&json!({"job": job.name_any()}))),
             holder: None,
             priority,
             acquire_timeout: None,

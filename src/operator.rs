@@ -98,8 +98,9 @@ pub async fn run(args: OperatorArgs) -> Result<(), OperatorError> {
     let client = kube::Client::try_default()
         .await
         .map_err(|e| OperatorError::KubeConfig(crate::lock::error_line(&e)))?;
-    Api::<DistributedLock>::all(client.clone())
-        .list_metadata(&kube::api::ListParams::default().limit(1))
+    // read as RawRequest: whatever one request holds, the check answers
+    Api::<controller::raw::RawRequest>::all(client.clone())
+        .list(&kube::api::ListParams::default().limit(1))
         .await
         .map_err(|e| match &e {
             kube::Error::Api(s) if s.code == 404 => OperatorError::CrdMissing(e),

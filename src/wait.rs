@@ -148,8 +148,18 @@ fn judge(lock: &DistributedLock) -> Option<Result<(), String>> {
             .map(|c| format!("{}: {}", c.reason, c.message))
             .unwrap_or_default()
     };
+    if lock.metadata.deletion_timestamp.is_some() {
+        return Some(Err("the request is being deleted".into()));
+    }
+    // A grant whose lease already ran out is no grant: the operator renews it
+    // (a new expiry) or turns it Expired; wait for that.
+    let live = status
+        .expires_at
+        .as_deref()
+        .and_then(crate::queue::parse_time)
+        .is_some_and(|expires| expires > chrono::Utc::now());
     match status.phase? {
-        Phase::Granted if status.token.is_some() => Some(Ok(())),
+        Phase::Granted if status.token.is_some() && live => Some(Ok(())),
         Phase::Granted | Phase::Pending => None,
         phase => Some(Err(format!("phase {phase:?} ({})", reason()))),
     }
@@ -233,4 +243,30 @@ fn write_grant(token_file: &Path, lock: &DistributedLock) -> Result<(), WaitErro
         "expiresAt": status.expires_at,
     });
     write(dir.join("lock.json"), format!("{grant:#}\n"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fixtures::{granted, request};
+
+    #[test]
+    fn only_a_live_grant_of_a_request_not_being_deleted_is_handed_over() {
+        let now = chrono::Utc::now();
+        let live = granted(
+            request("r", "ns", "k", 0, 0, 1),
+            now,
+            now + chrono::Duration::seconds(30),
+        );
+        assert_eq!(judge(&live), Some(Ok(())));
+        let lapsed = granted(
+            request("r", "ns", "k", 0, 0, 1),
+            now - chrono::Duration::seconds(60),
+            now - chrono::Duration::seconds(30),
+        );
+        assert_eq!(judge(&lapsed), None, "an expired grant is waited on, not handed over");
+        let mut deleting = live.clone();
+        deleting.metadata.deletion_timestamp = deleting.metadata.creation_timestamp.clone();
+        assert!(matches!(judge(&deleting), Some(Err(why)) if why.contains("deleted")));
+    }
 }

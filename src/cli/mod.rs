@@ -100,6 +100,14 @@ impl Cli {
 
     async fn run(self) -> i32 {
         let operator = matches!(self.command, Command::Operator(_));
+        if !operator {
+            // `lockctl get KEY | head -1`: a closed pipe ends the command
+            // quietly, as with any Unix tool, instead of a panic in println!
+            // SAFETY: restores the default disposition before any other thread writes.
+            let _ = unsafe {
+                nix::sys::signal::signal(nix::sys::signal::Signal::SIGPIPE, nix::sys::signal::SigHandler::SigDfl)
+            };
+        }
         crate::telemetry::init(self.log_format, if operator { "info" } else { "warn" });
         let result = match self.command {
             Command::Operator(args) => crate::operator::run(*args).await.map(|_| 0).map_err(CliError::from),

@@ -94,10 +94,12 @@ impl Category {
             Category::Conflict => Duration::from_millis(200),
             Category::Kube | Category::Finalizer => Duration::from_millis(500),
             // the engine may come back any moment; its client already retried 3 times
-            Category::Unavailable | Category::Engine | Category::Response => Duration::from_secs(2),
+            Category::Unavailable | Category::Engine => Duration::from_secs(2),
             Category::Held => Duration::from_secs(1),
             // needs a person: look again now and then, and stay visible
-            Category::Unauthorized | Category::Fencing | Category::Index | Category::Config => Duration::from_secs(10),
+            Category::Unauthorized | Category::Fencing | Category::Index | Category::Response | Category::Config => {
+                Duration::from_secs(10)
+            }
             Category::Invalid => Duration::from_secs(300),
         }
     }

@@ -35,11 +35,9 @@ pub fn job_finished(job: &Job) -> Option<&'static str> {
     }
 }
 
-/// A finished Pod: terminating, Succeeded or Failed.
+/// A finished Pod: Succeeded or Failed. A Pod being deleted still runs its
+/// containers for its grace period: it holds the lock until it is gone.
 pub fn pod_finished(pod: &Pod) -> Option<&'static str> {
-    if pod.metadata.deletion_timestamp.is_some() {
-        return Some("Pod terminating");
-    }
     match pod.status.as_ref()?.phase.as_deref() {
         Some("Succeeded") => Some("Pod succeeded"),
         Some("Failed") => Some("Pod failed"),
@@ -55,11 +53,16 @@ pub async fn fetch(client: &kube::Client, lock: &DistributedLock) -> Result<Hold
     };
     let namespace = lock.namespace().unwrap_or_default();
     let state = match holder.kind {
-        HolderKind::Job => Api::<Job>::namespaced(client.clone(), &namespace)
+        HolderKind::Job => match Api::<Job>::namespaced(client.clone(), &namespace)
             .get_opt(&holder.name)
             .await
             .map_err(Error::Kube)?
-            .map(|job| job_finished(&job)),
+        {
+            Some(job) => Some(job_finished(&job)),
+            // deleted in the background: its Pods may still run
+            None if job_pods_running(client, &namespace, &holder.name).await? => Some(None),
+            None => None,
+        },
         HolderKind::Pod => Api::<Pod>::namespaced(client.clone(), &namespace)
             .get_opt(&holder.name)
             .await
@@ -71,6 +74,32 @@ pub async fn fetch(client: &kube::Client, lock: &DistributedLock) -> Result<Hold
         Some(None) => HolderState::Running,
         Some(Some(why)) => HolderState::Finished(why),
     })
+}
+
+/// True while a Pod of the Job named `job` (the Job controller labels them
+/// `batch.kubernetes.io/job-name`) has not finished.
+async fn job_pods_running(client: &kube::Client, namespace: &str, job: &str) -> Result<bool> {
+    if job.len() > 63 {
+        return Ok(false); // not a valid label value: its Pods cannot carry it
+    }
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let selector = format!("batch.kubernetes.io/job-name={job}");
+    let list = pods
+        .list(&kube::api::ListParams::default().labels(&selector))
+        .await
+        .map_err(Error::Kube)?;
+    Ok(list.items.iter().any(|pod| pod_finished(pod).is_none()))
+}
+
+/// The names a Job's request may have: the Job's own, or — when a request of
+/// that name that is not this Job's already exists — one made unique with
+/// the Job's UID (deterministic, so a retry finds what it created).
+pub fn request_names(job: &Job) -> [String; 2] {
+    let name = job.name_any();
+    let uid = job.uid().unwrap_or_default();
+    let suffix: String = uid.chars().filter(|c| c.is_ascii_alphanumeric()).take(8).collect();
+    let stem: String = name.chars().take(253 - 1 - suffix.len()).collect();
+    [name, format!("{}-{suffix}", stem.trim_end_matches(['-', '.']))]
 }
 
 /// True when the request was made by the Job its holderRef names (suspend

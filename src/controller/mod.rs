@@ -11,6 +11,7 @@ pub mod granted;
 pub mod holder;
 pub mod index;
 pub mod pending;
+pub mod raw;
 pub mod status;
 pub mod watch;
 
@@ -78,7 +79,20 @@ impl Context {
             }
             Err(e) => {
                 let category = Category::of_lock_error(&e);
+                // about this key or request (a document in a shape we cannot
+                // read, a refused id), not the index's health: no other
+                // request is told the index is down
                 if matches!(category, Category::Invalid | Category::Held) {
+                    return Err(Error::Lock(e));
+                }
+                if category == Category::Response {
+                    let next = status::with_index_health(
+                        lock,
+                        &IndexHealth::Failing(reason::UNREADABLE_LOCK, crate::lock::error_line(&e)),
+                    );
+                    if let Err(e) = status::write(&self.client, lock, next).await {
+                        tracing::debug!(error = %e, "could not record the lock's problem");
+                    }
                     return Err(Error::Lock(e));
                 }
                 let health = match category {
@@ -165,7 +179,13 @@ impl Context {
         let job = self
             .jobs
             .get(&ObjectRef::new(&holder.name).within(&lock.namespace().unwrap_or_default()))?;
-        (job.uid().as_deref() == Some(owner.uid.as_str())).then_some(job)
+        // The owner reference and holderRef are the requester's to write; only
+        // a request the gate itself made for that Job (its name, the Job's
+        // lock annotation for this lockId) queues by the Job's creation.
+        let made_for_it = job.uid().as_deref() == Some(owner.uid.as_str())
+            && job.annotations().get(crate::crd::LOCK_ANNOTATION) == Some(&lock.spec.lock_id)
+            && holder::request_names(&job).contains(&lock.name_any());
+        made_for_it.then_some(job)
     }
 }
 
@@ -188,6 +208,11 @@ pub fn retry_after<K: Resource<DynamicType = ()>>(object: &K, error: &Error, ctx
             category: category.as_str(),
         })
         .inc();
+    let level_warn = category != Category::Conflict;
+    if !level_warn {
+        tracing::debug!(kind = %K::kind(&()), name = %object.name_any(), "decided on a stale copy; deciding again");
+        return Action::requeue(category.backoff());
+    }
     tracing::warn!(
         kind = %K::kind(&()),
         name = %object.name_any(),
@@ -207,7 +232,7 @@ pub async fn reconcile(lock: Arc<DistributedLock>, ctx: Arc<Context>) -> Result<
         .ok_or_else(|| Error::Invalid("DistributedLock without a namespace".into()))?;
     let api: Api<DistributedLock> = Api::namespaced(ctx.client.clone(), &namespace);
     if lock.metadata.deletion_timestamp.is_none() && !lock.finalizers().iter().any(|f| f == FINALIZER) {
-        return add_finalizer(&api, &lock).await;
+        return add_finalizer(&Api::namespaced(ctx.client.clone(), &namespace), &lock).await;
     }
     let result = finalizer(&api, FINALIZER, lock, |event| async {
         match event {
@@ -223,7 +248,7 @@ pub async fn reconcile(lock: Arc<DistributedLock>, ctx: Arc<Context>) -> Result<
 
 /// Adds the release finalizer in one compare-and-swap write (our copy's
 /// resourceVersion), so a stale copy never overwrites someone's finalizers.
-async fn add_finalizer(api: &Api<DistributedLock>, lock: &DistributedLock) -> Result<Action> {
+async fn add_finalizer(api: &Api<raw::RawRequest>, lock: &DistributedLock) -> Result<Action> {
     let mut finalizers = lock.finalizers().to_vec();
     finalizers.push(FINALIZER.to_string());
     let patch = Patch::Merge(json!({

@@ -27,7 +27,7 @@ pub struct QueueView {
 }
 
 /// What a Pending request needs next.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum PendingStep {
     /// It will never be granted: a final phase with this reason.
     Fail { reason: &'static str, message: String },
@@ -41,8 +41,32 @@ pub enum PendingStep {
         message: String,
         recheck: Duration,
     },
-    /// Head of the queue and free here: acquire with this lease.
-    Acquire { ttl: Duration, deadline: Option<Duration> },
+    /// Head of the queue and free here: acquire with this lease and metadata.
+    Acquire {
+        ttl: Duration,
+        deadline: Option<Duration>,
+        metadata: serde_json::Value,
+    },
+}
+
+/// How deep `spec.metadata` may nest: the lock document carries it, and search
+/// engines refuse (or answer oddly to) much deeper documents.
+pub const MAX_METADATA_DEPTH: usize = 32;
+
+/// How deeply a JSON value nests (a scalar: 0, `{}`: 1).
+fn nesting(value: &serde_json::Value) -> usize {
+    let mut deepest = 0;
+    let mut stack = vec![(value, 0)];
+    while let Some((value, depth)) = stack.pop() {
+        let children: Vec<&serde_json::Value> = match value {
+            serde_json::Value::Object(map) => map.values().collect(),
+            serde_json::Value::Array(items) => items.iter().collect(),
+            _ => continue,
+        };
+        deepest = deepest.max(depth + 1);
+        stack.extend(children.into_iter().map(|child| (child, depth + 1)));
+    }
+    deepest
 }
 
 /// The longest a waiter sleeps without an event (events wake it sooner).
@@ -73,6 +97,14 @@ pub fn decide(
     };
     if let Err(message) = scope {
         return fail(reason::SCOPE_NOT_ALLOWED, message);
+    }
+    let metadata = match lock.spec.metadata.as_ref().map(|m| m.to_value()).transpose() {
+        Ok(metadata) => metadata.unwrap_or_else(|| json!({})),
+        Err(why) => return fail(reason::INVALID_SPEC, format!("spec.metadata cannot be used: {why}")),
+    };
+    if nesting(&metadata) > MAX_METADATA_DEPTH {
+        let message = format!("spec.metadata nests deeper than {MAX_METADATA_DEPTH} levels");
+        return fail(reason::INVALID_SPEC, message);
     }
     let deadline = match deadline(lock) {
         Ok(d) => d,
@@ -126,6 +158,7 @@ pub fn decide(
     PendingStep::Acquire {
         ttl,
         deadline: until_deadline,
+        metadata,
     }
 }
 
@@ -200,7 +233,11 @@ pub async fn reconcile(lock: Arc<DistributedLock>, ctx: &Context, key: &str) -> 
             status::write(&ctx.client, &lock, next).await?;
             Ok(Action::requeue(recheck))
         }
-        PendingStep::Acquire { ttl, deadline } => acquire(lock, ctx, key, ttl, deadline).await,
+        PendingStep::Acquire {
+            ttl,
+            deadline,
+            metadata,
+        } => acquire(lock, ctx, key, ttl, deadline, metadata).await,
     }
 }
 
@@ -213,6 +250,7 @@ async fn acquire(
     key: &str,
     ttl: Duration,
     deadline: Option<Duration>,
+    metadata: serde_json::Value,
 ) -> Result<Action> {
     let Some(token) = lock.uid() else {
         return Err(Error::Invalid("a DistributedLock without a uid".into()));
@@ -221,7 +259,7 @@ async fn acquire(
         lock_id: key.to_string(),
         token,
         ttl,
-        metadata: lock.spec.metadata.clone().unwrap_or(json!({})),
+        metadata,
         holder: Some(display_holder(&lock)),
         fencing_token: None,
     };
@@ -230,7 +268,14 @@ async fn acquire(
         return held_elsewhere(&lock, ctx, key, deadline).await;
     };
     let next = status::granted(&lock, &ctx.arrival(&lock), &grant, display_holder(&lock), Utc::now());
-    status::write(&ctx.client, &lock, next).await?;
+    if let Err(e) = status::write(&ctx.client, &lock, next).await {
+        // Nobody was told of this grant (e.g. the request changed meanwhile and
+        // may no longer be the head): give it back rather than let a request
+        // that is not Granted block its key until the lease runs out.
+        ctx.engine("release", &lock, ctx.locks.release(key, &grant.token))
+            .await?;
+        return Err(e);
+    }
     ctx.metrics.grants.inc();
     if let Some(created) = queue::creation_time(&lock) {
         ctx.metrics
@@ -313,7 +358,7 @@ mod tests {
     #[test]
     fn the_head_of_a_free_queue_acquires() {
         let step = decide(&created_at_zero(), Ok(()), HolderState::Unbound, &head(), at(1));
-        assert!(matches!(step, PendingStep::Acquire { ttl, deadline: None } if ttl == Duration::from_secs(30)));
+        assert!(matches!(step, PendingStep::Acquire { ttl, deadline: None, .. } if ttl == Duration::from_secs(30)));
     }
 
     #[test]
@@ -382,6 +427,28 @@ mod tests {
         assert!(matches!(
             decide(&lock, Ok(()), HolderState::Unbound, &head(), at(5)),
             PendingStep::Fail { reason: "Timeout", .. }
+        ));
+    }
+
+    #[test]
+    fn metadata_too_deep_to_use_fails_the_request_with_a_message() {
+        let mut lock = created_at_zero();
+        for depth in [200, MAX_METADATA_DEPTH] {
+            let deep = format!("{}{{}}{}", r#"{"a":"#.repeat(depth), "}".repeat(depth));
+            lock.spec.metadata = Some(serde_json::from_str(&deep).unwrap());
+            assert!(
+                matches!(
+                    decide(&lock, Ok(()), HolderState::Unbound, &head(), at(1)),
+                    PendingStep::Fail { reason: "InvalidSpec", message } if message.contains("spec.metadata")
+                ),
+                "{depth} levels"
+            );
+        }
+        assert_eq!(nesting(&json!({"a": [1, {"b": {}}]})), 4);
+        lock.spec.metadata = Some(serde_json::from_str(r#"{"owner": "team-a"}"#).unwrap());
+        assert!(matches!(
+            decide(&lock, Ok(()), HolderState::Unbound, &head(), at(1)),
+            PendingStep::Acquire { metadata, .. } if metadata["owner"] == "team-a"
         ));
     }
 

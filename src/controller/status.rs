@@ -33,6 +33,8 @@ pub mod reason {
     pub const REACHABLE: &str = "Reachable";
     pub const INDEX_UNREACHABLE: &str = "IndexUnreachable";
     pub const FENCING_UNPROVEN: &str = "FencingUnproven";
+    /// The lock document of this key is in a shape the engine cannot read.
+    pub const UNREADABLE_LOCK: &str = "UnreadableLock";
 }
 
 /// Whether the lock index answered the last time this controller asked.
@@ -193,7 +195,8 @@ pub async fn write(client: &kube::Client, lock: &DistributedLock, next: Distribu
     if lock.status.as_ref() == Some(&next) {
         return Ok(());
     }
-    let api: Api<DistributedLock> = Api::namespaced(client.clone(), &lock.namespace().unwrap_or_default());
+    // the answer is read as a RawRequest: it decodes whatever the object holds
+    let api: Api<super::raw::RawRequest> = Api::namespaced(client.clone(), &lock.namespace().unwrap_or_default());
     let patch = json!({
         "apiVersion": "lockmanager.dev/v1alpha1",
         "kind": "DistributedLock",

@@ -6,12 +6,13 @@ use std::sync::Arc;
 
 use futures::TryStreamExt;
 use k8s_openapi::api::core::v1::ObjectReference;
-use kube::api::{Api, DynamicObject};
-use kube::core::ApiResource;
+use kube::Resource;
+use kube::api::Api;
 use kube::runtime::events::Recorder;
 use kube::runtime::{WatchStreamExt, watcher};
 use tokio::sync::mpsc;
 
+use super::raw::RawRequest;
 use crate::crd::DistributedLock;
 use crate::metrics::Metrics;
 
@@ -23,23 +24,26 @@ pub fn requests(
     config: watcher::Config,
     bad: mpsc::UnboundedSender<(ObjectReference, String)>,
 ) -> impl futures::Stream<Item = watcher::Result<watcher::Event<DistributedLock>>> {
-    let resource = ApiResource::erase::<DistributedLock>(&());
-    let api: Api<DynamicObject> = Api::all_with(client, &resource);
+    let api: Api<RawRequest> = Api::all(client);
     watcher::watcher(api, config)
         .default_backoff()
         .try_filter_map(move |event| {
-            let decode = |object: DynamicObject| decode_request(object, &resource, &bad);
+            let decode = |raw: RawRequest| {
+                raw.decode().map_err(|(placeholder, why)| {
+                    let _ = bad.send((reference(&placeholder), why));
+                    placeholder
+                })
+            };
             let event = match event {
-                watcher::Event::Apply(o) => Some(match decode(o) {
-                    Decoded::Request(lock) => watcher::Event::Apply(lock),
+                watcher::Event::Apply(raw) => Some(match decode(raw) {
+                    Ok(lock) => watcher::Event::Apply(lock),
                     // an object that no longer decodes leaves the cache
-                    Decoded::Undecodable(placeholder) => watcher::Event::Delete(placeholder),
+                    Err(placeholder) => watcher::Event::Delete(*placeholder),
                 }),
-                watcher::Event::InitApply(o) => match decode(o) {
-                    Decoded::Request(lock) => Some(watcher::Event::InitApply(lock)),
-                    Decoded::Undecodable(_) => None,
-                },
-                watcher::Event::Delete(o) => Some(watcher::Event::Delete(decode(o).into_inner())),
+                watcher::Event::InitApply(raw) => decode(raw).ok().map(watcher::Event::InitApply),
+                watcher::Event::Delete(raw) => Some(watcher::Event::Delete(
+                    raw.decode().unwrap_or_else(|(placeholder, _)| *placeholder),
+                )),
                 watcher::Event::Init => Some(watcher::Event::Init),
                 watcher::Event::InitDone => Some(watcher::Event::InitDone),
             };
@@ -47,51 +51,12 @@ pub fn requests(
         })
 }
 
-/// A watched object, decoded or not.
-enum Decoded {
-    Request(DistributedLock),
-    /// A placeholder carrying only the object's metadata (enough to drop it from the cache).
-    Undecodable(DistributedLock),
-}
-
-impl Decoded {
-    fn into_inner(self) -> DistributedLock {
-        match self {
-            Decoded::Request(lock) | Decoded::Undecodable(lock) => lock,
-        }
-    }
-}
-
-/// Decodes one request; one that does not decode is reported (once per
-/// resourceVersion) and comes back as a placeholder.
-fn decode_request(
-    mut object: DynamicObject,
-    resource: &ApiResource,
-    bad: &mpsc::UnboundedSender<(ObjectReference, String)>,
-) -> Decoded {
-    object.metadata.managed_fields = None;
-    let metadata = object.metadata.clone();
-    match object.try_parse::<DistributedLock>() {
-        Ok(lock) => Decoded::Request(lock),
-        Err(e) => {
-            let reference = ObjectReference {
-                api_version: Some(resource.api_version.clone()),
-                kind: Some(resource.kind.clone()),
-                name: metadata.name.clone(),
-                namespace: metadata.namespace.clone(),
-                uid: metadata.uid.clone(),
-                resource_version: metadata.resource_version.clone(),
-                ..Default::default()
-            };
-            let _ = bad.send((reference, e.to_string()));
-            let mut placeholder = DistributedLock::new(
-                metadata.name.as_deref().unwrap_or_default(),
-                crate::crd::DistributedLockSpec::default(),
-            );
-            placeholder.metadata = metadata;
-            Decoded::Undecodable(placeholder)
-        }
-    }
+/// The reference an event about `lock` points at (with its resourceVersion,
+/// so each version of a bad object is reported once).
+fn reference(lock: &DistributedLock) -> ObjectReference {
+    let mut reference = lock.object_ref(&());
+    reference.resource_version = lock.metadata.resource_version.clone();
+    reference
 }
 
 /// Publishes a Warning event (once per object version) for each request the
