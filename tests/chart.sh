@@ -48,11 +48,15 @@ disown_crd() {
     app.kubernetes.io/component- app.kubernetes.io/version- app.kubernetes.io/part-of- helm.sh/chart- >/dev/null
 }
 
-# Deletes the namespace. testenv runs no namespace controller, so after
+# Deletes the namespace. Plain testenv runs no namespace controller, so after
 # checking that the namespace holds none of our objects we finalize it
 # ourselves (what that controller does once a namespace is empty).
 delete_namespace() {
   kc delete namespace "$ns" --wait=false >/dev/null 2>&1 || return 0
+  # With a node (testenv up --node) the controller-manager runs the namespace
+  # controller, and the Deployment's Pods exist: finalizing the namespace here
+  # would strand them (their volumes' ServiceAccount and ConfigMap gone).
+  [[ "${KLM_NODE:-}" != 1 ]] || return 0
   if [[ -z "$(kc get deploy,svc,sa,pdb,cm,secret -n "$ns" -l "app.kubernetes.io/instance=$release" -o name 2>/dev/null)" ]]; then
     printf '{"apiVersion":"v1","kind":"Namespace","metadata":{"name":"%s"},"spec":{"finalizers":[]}}' "$ns" |
       kc replace --raw "/api/v1/namespaces/$ns/finalize" -f - >/dev/null 2>&1 || true
