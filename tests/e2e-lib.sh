@@ -5,6 +5,7 @@
 #   operator_install REL ARGS...   helm install of the chart with the local image
 #   wait_until WHAT CMD...  polls CMD until it succeeds (exit 99 stops at once)
 # Every wait is a poll with a deadline (KLM_E2E_TIMEOUT, default 120 s).
+# KLM_E2E_LOGS=DIR keeps the operator's log of every release there.
 # shellcheck shell=bash
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -67,6 +68,10 @@ e2e_cleanup() {
   if ((rc != 0)) && [[ -n "$release" ]]; then
     echo "--- the operator's log (last lines):" >&2
     kc -n "$ns" logs -l "app.kubernetes.io/instance=$release" --all-containers --tail=30 --prefix >&2 2>&1
+  fi
+  if [[ -n "${KLM_E2E_LOGS:-}" && -n "$release" ]]; then # keep the operator's whole log
+    mkdir -p "$KLM_E2E_LOGS"
+    kc -n "$ns" logs -l "app.kubernetes.io/instance=$release" -c operator --tail=-1 --prefix >"$KLM_E2E_LOGS/$ns-$release.log" 2>&1
   fi
   # Jobs and Pods first, and the requests while the operator still runs (it
   # releases them and removes its finalizer), then the operator, then the
