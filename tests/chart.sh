@@ -8,8 +8,9 @@
 #   - the rendered manifests pass a server-side dry run
 #   - helm install into a fresh namespace creates every object, with the
 #     restricted security settings; helm uninstall removes them but keeps the CRD
-# No kubelet or controllers run in testenv, so the Deployment never gets Pods;
-# the install is checked through the objects, not through running replicas.
+# Without a node (plain testenv) the Deployment never gets Pods: the install is
+# checked through the objects here; tests/e2e-chart.sh runs the chart on the
+# real node of `testenv up --node` (probes, leader election, grants).
 # Prints `chart tests: N passed, 0 failed` last on success; on the first failure
 # prints the failing command's output and then one line saying what failed.
 set -euo pipefail
@@ -47,11 +48,15 @@ disown_crd() {
     app.kubernetes.io/component- app.kubernetes.io/version- app.kubernetes.io/part-of- helm.sh/chart- >/dev/null
 }
 
-# Deletes the namespace. testenv runs no namespace controller, so after
+# Deletes the namespace. Plain testenv runs no namespace controller, so after
 # checking that the namespace holds none of our objects we finalize it
 # ourselves (what that controller does once a namespace is empty).
 delete_namespace() {
   kc delete namespace "$ns" --wait=false >/dev/null 2>&1 || return 0
+  # With a node (testenv up --node) the controller-manager runs the namespace
+  # controller, and the Deployment's Pods exist: finalizing the namespace here
+  # would strand them (their volumes' ServiceAccount and ConfigMap gone).
+  [[ "${KLM_NODE:-}" != 1 ]] || return 0
   if [[ -z "$(kc get deploy,svc,sa,pdb,cm,secret -n "$ns" -l "app.kubernetes.io/instance=$release" -o name 2>/dev/null)" ]]; then
     printf '{"apiVersion":"v1","kind":"Namespace","metadata":{"name":"%s"},"spec":{"finalizers":[]}}' "$ns" |
       kc replace --raw "/api/v1/namespaces/$ns/finalize" -f - >/dev/null 2>&1 || true
@@ -200,7 +205,7 @@ expect "full values: replicas, image, auth from the Secret, CA from the ConfigMa
   rendered "${full[@]}" -- templates/deployment.yaml \
   '{.spec.replicas} {.spec.template.spec.containers[0].image} {range .spec.template.spec.containers[0].env[?(@.valueFrom.secretKeyRef)]}{.valueFrom.secretKeyRef.name}/{.valueFrom.secretKeyRef.key} {end}{.spec.template.spec.volumes[0].configMap.name}/{.spec.template.spec.volumes[0].configMap.items[0].key} {.spec.template.spec.containers[0].env[?(@.name=="ELASTICSEARCH_CA_CERT")].value}'
 expect "full values: operator flags" \
-  "operator --es-url=https://search.example.com:9200 --index-prefix=team-locks --es-timeout=5s --http-addr=0.0.0.0:8080 --log-format=text --cluster-scope-namespaces=batch,platform --selector=shard=a --leader-elect --leader-election-name=klm-leader --lease-duration=20s --max-retry-interval=10s" \
+  "operator --es-url=https://search.example.com:9200 --index-prefix=team-locks --es-timeout=5s --http-addr=127.0.0.1:9102 --log-format=text --cluster-scope-namespaces=batch,platform --selector=shard=a --leader-elect --leader-election-name=klm-leader --lease-duration=20s --max-retry-interval=10s" \
   rendered "${full[@]}" -- templates/deployment.yaml '{.spec.template.spec.containers[0].args[*]}'
 expect "an API key from the Secret replaces basic auth" "ELASTICSEARCH_API_KEY=creds/api-key;" \
   rendered --set elasticsearch.auth.existingSecret=creds --set elasticsearch.auth.apiKeyKey=api-key -- templates/deployment.yaml \
@@ -208,6 +213,27 @@ expect "an API key from the Secret replaces basic auth" "ELASTICSEARCH_API_KEY=c
 expect "a CA from a Secret is mounted read-only" "tls-ca/ca.crt true /etc/kube-lock-manager/ca/ca.crt" \
   rendered --set elasticsearch.ca.secretName=tls-ca -- templates/deployment.yaml \
   '{.spec.template.spec.volumes[0].secret.secretName}/{.spec.template.spec.volumes[0].secret.items[0].key} {.spec.template.spec.containers[0].volumeMounts[0].readOnly} {.spec.template.spec.containers[0].env[?(@.name=="ELASTICSEARCH_CA_CERT")].value}'
+expect "full values: hostNetwork, ClusterFirstWithHostNet, port 9102, probes on 127.0.0.1" \
+  "true ClusterFirstWithHostNet http=9102 127.0.0.1:http 127.0.0.1:http" \
+  rendered "${full[@]}" -- templates/deployment.yaml \
+  '{.spec.template.spec.hostNetwork} {.spec.template.spec.dnsPolicy} {.spec.template.spec.containers[0].ports[0].name}={.spec.template.spec.containers[0].ports[0].containerPort} {.spec.template.spec.containers[0].livenessProbe.httpGet.host}:{.spec.template.spec.containers[0].livenessProbe.httpGet.port} {.spec.template.spec.containers[0].readinessProbe.httpGet.host}:{.spec.template.spec.containers[0].readinessProbe.httpGet.port}'
+expect "full values: /tmp emptyDir, extra volume and mount, extra init container and container" \
+  "elasticsearch-ca tmp scratch | /etc/kube-lock-manager/ca /tmp /scratch | 16Mi | proxy:Always | operator log-shipper" \
+  rendered "${full[@]}" -- templates/deployment.yaml \
+  '{.spec.template.spec.volumes[*].name} | {.spec.template.spec.containers[0].volumeMounts[*].mountPath} | {.spec.template.spec.volumes[?(@.name=="tmp")].emptyDir.sizeLimit} | {.spec.template.spec.initContainers[0].name}:{.spec.template.spec.initContainers[0].restartPolicy} | {.spec.template.spec.containers[*].name}'
+expect "default values: the Pod network, the cluster's DNS policy, a writable /tmp, probes on the Pod IP" \
+  "|||tmp:/tmp|" \
+  rendered -- templates/deployment.yaml \
+  '{.spec.template.spec.hostNetwork}|{.spec.template.spec.dnsPolicy}|{.spec.template.spec.containers[0].readinessProbe.httpGet.host}|{.spec.template.spec.containers[0].volumeMounts[0].name}:{.spec.template.spec.containers[0].volumeMounts[0].mountPath}|{.spec.template.spec.initContainers}'
+expect "dnsPolicy overrides the hostNetwork default" "true Default" \
+  rendered --set hostNetwork=true --set dnsPolicy=Default -- templates/deployment.yaml \
+  '{.spec.template.spec.hostNetwork} {.spec.template.spec.dnsPolicy}'
+expect "tmpVolume.enabled=false: no volumes, no mounts" "operator --http-addr=0.0.0.0:8080 ||" \
+  rendered --set tmpVolume.enabled=false -- templates/deployment.yaml \
+  '{.spec.template.spec.containers[0].args[0]} {.spec.template.spec.containers[0].args[?(@=="--http-addr=0.0.0.0:8080")]} |{.spec.template.spec.volumes}|{.spec.template.spec.containers[0].volumeMounts}'
+expect "an IPv6 http.address is bracketed" "--http-addr=[::1]:8081" \
+  rendered --set http.address=::1 --set http.port=8081 -- templates/deployment.yaml \
+  '{.spec.template.spec.containers[0].args[?(@=="--http-addr=[::1]:8081")]}'
 not_rendered "no PodDisruptionBudget for a single replica (it would block every drain)" templates/pdb.yaml --set replicaCount=1
 not_rendered "no ServiceMonitor by default" templates/servicemonitor.yaml
 
@@ -220,6 +246,12 @@ rejects "a misspelt key (replicas)" "additional properties 'replicas'" 'replicas
 rejects "a bad leaseDuration" "/leaderElection/leaseDuration" 'leaderElection: {leaseDuration: "15 seconds"}'
 rejects "a CA from both a Secret and a ConfigMap" "secretName or configMapName, not both" \
   'elasticsearch: {ca: {secretName: a, configMapName: b}}'
+rejects "http.port 0" "/http/port" 'http: {port: 0}'
+rejects "hostNetwork: \"yes\"" "hostNetwork.*want boolean" 'hostNetwork: "yes"'
+rejects "an unknown dnsPolicy" "/dnsPolicy" 'dnsPolicy: ClusterLast'
+rejects "an extra volume mount without mountPath" "missing property 'mountPath'" 'extraVolumeMounts: [{name: scratch}]'
+rejects "an extra container without a name" "missing property 'name'" 'extraContainers: [{image: x}]'
+rejects "a misspelt http key (host)" "additional properties 'host'" 'http: {host: 127.0.0.1}'
 rejects "2 replicas without leader election" "needs leaderElection.enabled=true" \
   'leaderElection: {enabled: false}'
 

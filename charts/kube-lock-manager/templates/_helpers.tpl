@@ -77,3 +77,22 @@ names the values to change.
 {{- end }}
 {{- end }}
 {{- end }}
+
+{{/* --http-addr: http.address and http.port (IPv6 addresses in brackets). */}}
+{{- define "kube-lock-manager.httpAddr" -}}
+{{- $a := .Values.http.address -}}
+{{- if contains ":" $a -}}
+[{{ trimPrefix "[" (trimSuffix "]" $a) }}]:{{ .Values.http.port }}
+{{- else -}}
+{{ $a }}:{{ .Values.http.port }}
+{{- end -}}
+{{- end }}
+
+{{/* The Pod's dnsPolicy: dnsPolicy, else ClusterFirstWithHostNet with hostNetwork. */}}
+{{- define "kube-lock-manager.dnsPolicy" -}}
+{{- if .Values.dnsPolicy -}}
+{{ .Values.dnsPolicy }}
+{{- else if .Values.hostNetwork -}}
+ClusterFirstWithHostNet
+{{- end -}}
+{{- end }}
