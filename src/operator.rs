@@ -188,9 +188,14 @@ pub async fn run(args: OperatorArgs) -> Result<(), OperatorError> {
     );
     let synced = readiness.clone();
     let lock_index = index.clone();
+    let (departed, departures) = mpsc::unbounded_channel();
     let lock_root = controller::watch::requests(client.clone(), lock_watch, bad_objects)
         .inspect_ok(move |event| {
             lock_index.observe(event);
+            // gone from this operator's view: deleted, or no longer selected
+            if let watcher::Event::Delete(lock) = event {
+                let _ = departed.send(lock.clone());
+            }
             if matches!(event, watcher::Event::InitDone) && !synced.synced.swap(true, Ordering::Relaxed) {
                 tracing::info!("DistributedLock watcher synced");
             }
@@ -239,6 +244,7 @@ pub async fn run(args: OperatorArgs) -> Result<(), OperatorError> {
             _ = futures::future::join(lock_controller, job_gate) => {}
             // the watch streams end only with the process
             _ = futures::future::join(lock_root, job_root) => {}
+            _ = controller::departures(ctx.clone(), departures) => {}
         }
     };
     // After the first signal, in-flight reconciles get a grace period; then we stop anyway.

@@ -278,3 +278,33 @@ async fn a_deleted_lock_index_stops_all_grants_loudly_until_an_admin_recovers() 
     let granted = t.granted("waiter").await.status.unwrap().fencing_token.unwrap();
     assert!(granted > floor, "fencing token {granted} must exceed the floor {floor}");
 }
+
+#[tokio::test]
+async fn a_request_that_leaves_the_selector_is_released_and_its_waiter_served() {
+    let Some(t) = Setup::new("left-selector", &[]).await else {
+        return;
+    };
+    t.create("holder", json!({"lockId": "s", "ttl": "30s"})).await;
+    t.granted("holder").await;
+    t.create("waiter", json!({"lockId": "s"})).await;
+    t.pending_at("waiter", 1).await;
+    // someone removes the label the operator selects by
+    let patch = kube::api::Patch::Merge(json!({"metadata": {"labels": {common::RUN_LABEL: null}}}));
+    t.api
+        .patch("holder", &kube::api::PatchParams::default(), &patch)
+        .await
+        .unwrap();
+    // its lock is released (not left to lapse, nor renewed), it says why, the waiter is served
+    let left = await_lock(&t.api, "holder", "Released without our finalizer", WAIT, |l| {
+        phase_of(l) == Some(Phase::Released) && !l.finalizers().iter().any(|f| f == "lockmanager.dev/release")
+    })
+    .await;
+    assert_eq!(common::condition(&left, "Granted").unwrap().reason, "NotSelected");
+    t.granted("waiter").await;
+    // and deleting it later is not stuck
+    t.delete("holder").await;
+    common::eventually("the request to be gone", WAIT, || async {
+        t.api.get_opt("holder").await.unwrap().is_none().then_some(())
+    })
+    .await;
+}

@@ -365,6 +365,59 @@ fn wake_queue(ctx: &Context, key: &str, except: Option<&DistributedLock>) {
     }
 }
 
+/// Requests that left this operator's watch. A deleted one needs nothing
+/// more (its finalizer released it); one that still exists no longer matches
+/// `--selector` (its labels changed): this operator can no longer renew or
+/// release it later, so it releases it now — its lock, phase Released with
+/// reason NotSelected, and its finalizer, so a later delete is not stuck —
+/// and lets the next waiter of its key in.
+pub async fn departures(ctx: Arc<Context>, mut departed: mpsc::UnboundedReceiver<DistributedLock>) {
+    while let Some(lock) = departed.recv().await {
+        let key = queue::lock_key(&lock);
+        if let Err(e) = let_go(&ctx, &lock, &key).await {
+            tracing::warn!(name = %lock.name_any(), error = %e, "could not let go of a request that left the selector");
+        }
+        wake_queue(&ctx, &key, None);
+    }
+}
+
+async fn let_go(ctx: &Context, lock: &DistributedLock, key: &str) -> Result<()> {
+    let namespace = lock.namespace().unwrap_or_default();
+    let api: Api<raw::RawRequest> = Api::namespaced(ctx.client.clone(), &namespace);
+    let Some(current) = api.get_opt(&lock.name_any()).await.map_err(Error::Kube)? else {
+        return Ok(()); // deleted
+    };
+    if current.metadata.uid != lock.metadata.uid {
+        return Ok(()); // deleted and created again: a new request
+    }
+    let Ok(current) = current.decode() else {
+        return Ok(()); // reported already; nothing this controller can act on
+    };
+    if !current.finalizers().iter().any(|f| f == FINALIZER) {
+        return Ok(());
+    }
+    tracing::info!(name = %current.name_any(), %namespace, "request no longer matches --selector; releasing it");
+    if !queue::phase(&current).is_final() {
+        let message = "its labels no longer match this operator's --selector";
+        release_own(&current, ctx, key).await?;
+        let next = status::finished(&current, Phase::Released, reason::NOT_SELECTED, message);
+        status::write(&ctx.client, &current, next).await?;
+    }
+    // drop our finalizer: compare-and-swap on a fresh read
+    let Some(fresh) = api.get_opt(&current.name_any()).await.map_err(Error::Kube)? else {
+        return Ok(());
+    };
+    let finalizers: Vec<&String> = fresh.finalizers().iter().filter(|f| *f != FINALIZER).collect();
+    let patch = Patch::Merge(json!({
+        "metadata": {"resourceVersion": fresh.resource_version(), "finalizers": finalizers}
+    }));
+    match api.patch(&current.name_any(), &PatchParams::default(), &patch).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 409 || s.code == 404 => Ok(()),
+        Err(e) => Err(Error::Kube(e)),
+    }
+}
+
 /// Refreshes the holders/waiters gauges from the cache once a second
 /// (counting per reconcile would cost O(requests) each time).
 pub async fn update_gauges_every(ctx: Arc<Context>, period: Duration) {

@@ -24,6 +24,7 @@ pub mod reason {
     pub const HOLDER_NOT_FOUND: &str = crate::queue::HOLDER_NOT_FOUND;
     pub const HOLDER_FINISHED: &str = "HolderFinished";
     pub const HOLDER_GONE: &str = "HolderGone";
+    pub const NOT_SELECTED: &str = "NotSelected";
     pub const EXPIRED: &str = "Expired";
     pub const LOST: &str = "Lost";
     pub const TIMEOUT: &str = "Timeout";
