@@ -377,6 +377,24 @@ async fn a_deleted_lock_index_refuses_grants_until_an_admin_recovers() {
     let out = cli(&["index", "recover", "--fencing-floor", "1"]);
     assert_eq!(out.status.code(), Some(2), "nothing to recover while granting");
     assert!(stderr(&out).contains("nothing to recover"), "{}", stderr(&out));
+
+    // deleted again: a floor at or below the last recovery's is refused (tokens
+    // above it were handed out), whatever the admin remembers
+    let second = format!("{prefix}-000002");
+    common::delete_index(&client, &second).await;
+    let out = cli(&["index", "recover", "--fencing-floor", &(floor / 2).to_string()]);
+    assert_eq!(out.status.code(), Some(2), "a lower floor is refused");
+    assert!(stderr(&out).contains("not above"), "{}", stderr(&out));
+    let higher = fencing + 1000;
+    let out = cli(&["index", "recover", "--fencing-floor", &higher.to_string()]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    // (a client that lived through the deletion reports it once, then sets up again)
+    let lock = common::lock_client(&url, &prefix)
+        .acquire("after-second", Duration::from_secs(30), serde_json::json!({}))
+        .await
+        .unwrap()
+        .expect("granted after the second recovery");
+    assert!(lock.fencing_token > higher);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -104,6 +104,7 @@ impl IndexAssets {
         let recorded = Lineage {
             index: current.index.clone(),
             uuid: current.uuid.clone(),
+            fencing_floor: current.fencing_floor(),
         };
         if lineage.as_ref() != Some(&recorded) || component["_meta"]["mappingsVersion"] != MAPPINGS_VERSION {
             self.put_component_template(Some(&recorded), false).await?;
@@ -186,6 +187,7 @@ impl IndexAssets {
             (Some(index), Some(uuid)) => Some(Lineage {
                 index: index.into(),
                 uuid: uuid.into(),
+                fencing_floor: meta["lockIndexFencingFloor"].as_u64().unwrap_or(0),
             }),
             _ => None,
         };
@@ -257,6 +259,7 @@ impl IndexAssets {
         if let Some(l) = lineage {
             meta["lockIndex"] = json!(l.index);
             meta["lockIndexUuid"] = json!(l.uuid);
+            meta["lockIndexFencingFloor"] = json!(l.fencing_floor);
         }
         let body = json!({"template": {"mappings": lock_mappings()}, "_meta": meta});
         let answer = self
@@ -313,7 +316,18 @@ impl IndexAssets {
         expect_success("setup", &answer)
     }
 
+    /// Creates `name` with this floor (an index that exists already is fine).
     pub(super) async fn create_index(&self, name: &str, floor: u64, with_alias: bool) -> Result<(), LockError> {
+        self.create_index_once(name, floor, with_alias).await.map(|_| ())
+    }
+
+    /// Creates `name` with this floor; `false` when it exists already (someone
+    /// else created it: a concurrent recovery).
+    pub(super) async fn create_new_index(&self, name: &str, floor: u64) -> Result<bool, LockError> {
+        self.create_index_once(name, floor, false).await
+    }
+
+    async fn create_index_once(&self, name: &str, floor: u64, with_alias: bool) -> Result<bool, LockError> {
         let mut mappings = lock_mappings();
         mappings["_meta"] = json!({"fencingFloor": floor, "managed_by": "kube-lock-manager"});
         let mut body = json!({"settings": index_settings(), "mappings": mappings});
@@ -332,9 +346,9 @@ impl IndexAssets {
             })
             .await?;
         if answer.error_type() == Some("resource_already_exists_exception") {
-            return Ok(());
+            return Ok(false);
         }
-        expect_success("setup", &answer)
+        expect_success("setup", &answer).map(|_| true)
     }
 
     /// Adds fields the index lacks; refuses (untouched) when one has the wrong type.

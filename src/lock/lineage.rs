@@ -15,6 +15,8 @@ use serde_json::Value;
 pub struct Lineage {
     pub index: String,
     pub uuid: String,
+    /// The fencing floor that index was created with (a later recovery must exceed it).
+    pub fencing_floor: u64,
 }
 
 /// A concrete lock index as the cluster shows it.
@@ -102,6 +104,7 @@ mod tests {
         let recorded = Lineage {
             index: "p-000001".into(),
             uuid: "u1".into(),
+            fencing_floor: 0,
         };
         assert_eq!(next_setup_step(None, None), SetupStep::CreateFirst);
         assert_eq!(next_setup_step(None, Some(&concrete("u1"))), SetupStep::Adopt);

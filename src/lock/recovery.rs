@@ -80,6 +80,22 @@ impl IndexAssets {
                 message: "grants are allowed on it; there is nothing to recover".into(),
             });
         }
+        // Tokens never go backwards: the new floor must exceed the floor of
+        // the last recovery (and of the index still behind the alias, if any).
+        let previous = lineage
+            .iter()
+            .map(|l| l.fencing_floor)
+            .chain(current.iter().map(Concrete::fencing_floor))
+            .max()
+            .unwrap_or(0);
+        if previous > 0 && floor <= previous {
+            return Err(LockError::Index {
+                index: self.prefix.clone(),
+                message: format!(
+                    "--fencing-floor {floor} is not above {previous}, the floor of the last recovery: tokens above it were handed out; use at least the highest fencing token ever handed out"
+                ),
+            });
+        }
         let existing = self.generations().await?;
         let next = existing
             .iter()
@@ -90,7 +106,12 @@ impl IndexAssets {
             + 1;
         let name = index_name(&self.prefix, next);
         self.put_index_template(&name).await?;
-        self.create_index(&name, floor, false).await?;
+        if !self.create_new_index(&name, floor).await? {
+            return Err(LockError::Index {
+                index: name,
+                message: "another recovery created this generation meanwhile; see `lockctl index status`".into(),
+            });
+        }
         let holders: Vec<String> = existing.into_iter().filter(|i| *i != name).collect();
         self.point_alias(&holders, &name).await?;
         let Some(created) = self.concrete(&name).await? else {
@@ -102,6 +123,7 @@ impl IndexAssets {
         let recorded = Lineage {
             index: name.clone(),
             uuid: created.uuid.clone(),
+            fencing_floor: created.fencing_floor(),
         };
         self.put_component_template(Some(&recorded), false).await?;
         tracing::info!(index = %name, floor, "lock index recovered; fencing tokens continue above the floor");
