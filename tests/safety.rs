@@ -308,3 +308,35 @@ async fn a_request_that_leaves_the_selector_is_released_and_its_waiter_served() 
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_grant_a_waiting_request_was_never_told_of_is_given_back() {
+    let Some(mut t) = Setup::new("untold-grant", &[]).await else {
+        return;
+    };
+    // The operator stopped between acquiring for "early" and writing Granted;
+    // meanwhile "urgent" (higher priority) arrived: "early" is no longer the
+    // head, yet its token holds the key (for an hour).
+    t.operator.kill();
+    let early = t.create("early", json!({"lockId": "u"})).await;
+    t.create("urgent", json!({"lockId": "u", "priority": 10})).await;
+    let key = format!("{}/u", t.ns);
+    let engine = common::lock_client(
+        &common::es_url().unwrap(),
+        kube_lock_manager::engine::DEFAULT_INDEX_PREFIX,
+    );
+    let request = kube_lock_manager::lock::AcquireRequest {
+        token: early.uid().unwrap(),
+        ..kube_lock_manager::lock::AcquireRequest::new(&key, Duration::from_secs(3600), json!({}))
+    };
+    assert!(engine.try_acquire(&request).await.unwrap().is_some());
+    t.operator.restart();
+    // the head is served now, not in an hour; "early" waits behind it
+    let granted = t.granted("urgent").await;
+    assert_eq!(
+        engine.get(&key).await.unwrap().map(|l| l.token),
+        granted.status.unwrap().token,
+        "the index holds the head's grant"
+    );
+    t.pending_at("early", 1).await;
+}

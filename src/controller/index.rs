@@ -40,6 +40,9 @@ pub struct QueueIndex {
     released_uids: Mutex<HashSet<String>>,
     /// When this controller last released each key (for the handoff histogram).
     released_at: Mutex<HashMap<String, Instant>>,
+    /// Waiting requests (by UID) whose token holds their key in the index: a
+    /// grant nobody was told of (a crash between acquiring and writing Granted).
+    untold_grants: Mutex<HashSet<String>>,
 }
 
 fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -153,6 +156,16 @@ impl QueueIndex {
         if let Some(uid) = lock.uid() {
             locked(&self.released_uids).remove(&uid);
         }
+    }
+
+    /// Notes that the request with this UID holds its key though it waits.
+    pub fn suspect_untold_grant(&self, uid: &str) {
+        locked(&self.untold_grants).insert(uid.to_string());
+    }
+
+    /// True (once) when a waiter was noted to hold its key.
+    pub fn take_untold_grant(&self, lock: &DistributedLock) -> bool {
+        lock.uid().is_some_and(|uid| locked(&self.untold_grants).remove(&uid))
     }
 
     /// When this controller last released `key`, taken (for the handoff histogram).

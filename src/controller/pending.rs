@@ -222,6 +222,9 @@ pub async fn reconcile(lock: Arc<DistributedLock>, ctx: &Context, key: &str) -> 
             message,
             recheck,
         } => {
+            if ctx.index.take_untold_grant(&lock) {
+                give_back_untold_grant(&lock, ctx, key).await?;
+            }
             let next = status::pending(
                 &lock,
                 &ctx.arrival(&lock),
@@ -290,6 +293,31 @@ async fn acquire(
     Ok(Action::requeue(renew_period(ttl)))
 }
 
+/// A waiting request whose token holds its key: a grant it was never told of
+/// (the controller stopped between acquiring and writing Granted, and the
+/// request is no longer the head). The API server confirms it is still not
+/// Granted — no holder can have been told — before the grant is given back.
+async fn give_back_untold_grant(lock: &DistributedLock, ctx: &Context, key: &str) -> Result<()> {
+    let api: Api<super::raw::RawRequest> = Api::namespaced(ctx.client.clone(), &lock.namespace().unwrap_or_default());
+    let Some(fresh) = api.get_opt(&lock.name_any()).await.map_err(Error::Kube)? else {
+        return Ok(());
+    };
+    let Ok(fresh) = fresh.decode() else {
+        return Ok(());
+    };
+    if fresh.uid() != lock.uid() || queue::phase(&fresh) == Phase::Granted {
+        return Ok(());
+    }
+    if let Some(token) = lock.uid()
+        && ctx.engine("release", lock, ctx.locks.release(key, &token)).await?
+    {
+        tracing::info!(%key, "gave back a grant its waiting request was never told of");
+        ctx.index.mark_released(key, None);
+        super::wake_queue(ctx, key, Some(lock));
+    }
+    Ok(())
+}
+
 /// Held outside this cluster (CLI, another cluster): look again no later than
 /// its expiry, and at least every max_retry_interval.
 async fn held_elsewhere(
@@ -299,6 +327,21 @@ async fn held_elsewhere(
     deadline: Option<Duration>,
 ) -> Result<Action> {
     let current = ctx.engine("get", lock, ctx.locks.get(key)).await?;
+    // held by a request of this cluster that waits (or has finished): a grant
+    // it was never told of; it gives it back itself (see give_back_untold_grant)
+    if let Some(held) = &current
+        && let Some(owner) = ctx
+            .index
+            .members(&ctx.store, key)
+            .into_iter()
+            .find(|m| m.uid().as_deref() == Some(held.token.as_str()) && m.uid() != lock.uid())
+        && queue::phase(&owner) != Phase::Granted
+    {
+        ctx.index.suspect_untold_grant(&held.token);
+        let _ = ctx
+            .wake
+            .send(kube::runtime::reflector::ObjectRef::from_obj(owner.as_ref()));
+    }
     let (message, retry) = match current {
         Some(held) => (
             format!(
