@@ -271,13 +271,21 @@ async fn acquire(
         return held_elsewhere(&lock, ctx, key, deadline).await;
     };
     let next = status::granted(&lock, &ctx.arrival(&lock), &grant, display_holder(&lock), Utc::now());
-    if let Err(e) = status::write(&ctx.client, &lock, next).await {
-        // Nobody was told of this grant (e.g. the request changed meanwhile and
-        // may no longer be the head): give it back rather than let a request
-        // that is not Granted block its key until the lease runs out.
-        ctx.engine("release", &lock, ctx.locks.release(key, &grant.token))
-            .await?;
-        return Err(e);
+    match status::write(&ctx.client, &lock, next).await {
+        Ok(()) => {}
+        // Refused (compare-and-swap): nobody was told of this grant, and the
+        // request may no longer be the head; give it back rather than let a
+        // request that is not Granted block its key until the lease runs out.
+        // Any other failure is ambiguous — the status may have been written
+        // and seen — so the grant stays: the next reconcile renews it, or the
+        // head finds it untold and has it given back after the API server
+        // confirms nobody saw it (give_back_untold_grant).
+        Err(Error::Stale) => {
+            ctx.engine("release", &lock, ctx.locks.release(key, &grant.token))
+                .await?;
+            return Err(Error::Stale);
+        }
+        Err(e) => return Err(e),
     }
     ctx.metrics.grants.inc();
     if let Some(created) = queue::creation_time(&lock) {
