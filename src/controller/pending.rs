@@ -271,22 +271,14 @@ async fn acquire(
         return held_elsewhere(&lock, ctx, key, deadline).await;
     };
     let next = status::granted(&lock, &ctx.arrival(&lock), &grant, display_holder(&lock), Utc::now());
-    match status::write(&ctx.client, &lock, next).await {
-        Ok(()) => {}
-        // Refused (compare-and-swap): nobody was told of this grant, and the
-        // request may no longer be the head; give it back rather than let a
-        // request that is not Granted block its key until the lease runs out.
-        // Any other failure is ambiguous — the status may have been written
-        // and seen — so the grant stays: the next reconcile renews it, or the
-        // head finds it untold and has it given back after the API server
-        // confirms nobody saw it (give_back_untold_grant).
-        Err(Error::Stale) => {
-            ctx.engine("release", &lock, ctx.locks.release(key, &grant.token))
-                .await?;
-            return Err(Error::Stale);
-        }
-        Err(e) => return Err(e),
-    }
+    // If this write fails the grant stays: a refused write (409) means this
+    // copy was stale — the grant may be one an earlier reconcile already
+    // reported (a same-token re-acquire returns it), so giving it back could
+    // leave a told holder without its lock. The next reconcile decides on the
+    // fresh copy: Granted renews it, the head re-acquires it (same token), and
+    // a waiter that is no longer the head gives it back once the API server
+    // confirms nobody was told (give_back_untold_grant).
+    status::write(&ctx.client, &lock, next).await?;
     ctx.metrics.grants.inc();
     if let Some(created) = queue::creation_time(&lock) {
         ctx.metrics
