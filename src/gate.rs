@@ -75,7 +75,14 @@ pub fn next_step(job: &Job, request: Option<&DistributedLock>) -> GateStep {
         Some(lock) => {
             let status = lock.status.clone().unwrap_or_default();
             match (status.phase, status.fencing_token) {
-                (Some(Phase::Granted), Some(fencing_token)) if is_suspended(job) => GateStep::Start { fencing_token },
+                // started once for this grant (its token is on the Job): a user
+                // who suspends it again is not overruled
+                (Some(Phase::Granted), Some(fencing_token))
+                    if is_suspended(job)
+                        && job.annotations().get(FENCING_ANNOTATION) != Some(&fencing_token.to_string()) =>
+                {
+                    GateStep::Start { fencing_token }
+                }
                 _ => GateStep::Nothing,
             }
         }
@@ -307,6 +314,12 @@ mod tests {
         assert_eq!(next_step(&j, Some(&request)), GateStep::Start { fencing_token: 7 });
         let started = job(&[(LOCK_ANNOTATION, "b"), (FENCING_ANNOTATION, "7")], false);
         assert_eq!(next_step(&started, Some(&request)), GateStep::Nothing);
+        let suspended_again = job(&[(LOCK_ANNOTATION, "b"), (FENCING_ANNOTATION, "7")], true);
+        assert_eq!(
+            next_step(&suspended_again, Some(&request)),
+            GateStep::Nothing,
+            "a user's re-suspend is respected"
+        );
     }
 
     #[test]

@@ -75,9 +75,13 @@ finish_image() { # name tag umoci-config-args...
   umoci gc --layout "$work/oci"
   mkdir -p "$images"
   # An OCI archive is the layout directory as a tar; ctr import reads it.
-  tar -C "$work/oci" --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner -cf "$images/$name.tar.tmp" .
-  mv "$images/$name.tar.tmp" "$images/$name.tar"
+  # (a temporary file of our own: builds from several checkouts may run at once)
+  local tmp
+  tmp="$(mktemp "$images/$name.tar.XXXXXX")"
+  tar -C "$work/oci" --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner -cf "$tmp" .
+  mv "$tmp" "$images/$name.tar"
   echo "$tag" >"$images/$name.tag"
+  if [[ "$name" == lockctl ]]; then sha256sum <"$lockctl_bin" | cut -d' ' -f1 >"$images/$name.binary"; fi
   log "built $images/$name.tar (local/$name:$tag)"
 }
 
@@ -146,11 +150,15 @@ fi
 if [[ "$cmd" == ref ]]; then echo "local/${names[0]}:$(tag_of "${names[0]}")"; exit 0; fi
 work="$(mktemp -d "${TMPDIR:-/tmp}/klm-image.XXXXXX")"
 trap 'rm -rf "$work"' EXIT
-# up to date: the archive is newer than this script (and, for lockctl, the binary)
+# up to date: the archive is newer than this script and, for lockctl, holds
+# exactly this binary (by its hash: the cache is shared by every checkout)
 fresh() {
   local tar="$images/$1.tar"
   [[ -z "${KLM_IMAGES_REBUILD:-}" && -f "$tar" && -f "$images/$1.tag" && "$tar" -nt "$0" ]] || return 1
-  [[ "$1" != lockctl ]] || { [[ "$tar" -nt "$lockctl_bin" ]] && [[ "$(cat "$images/$1.tag")" == "$(lockctl_version)" ]]; }
+  [[ "$1" != lockctl ]] || {
+    [[ "$(cat "$images/$1.tag")" == "$(lockctl_version)" ]] &&
+      [[ "$(cat "$images/$1.binary" 2>/dev/null)" == "$(sha256sum <"$lockctl_bin" | cut -d' ' -f1)" ]]
+  }
 }
 if [[ "$cmd" == build || "$cmd" == all ]]; then
   for n in "${names[@]}"; do

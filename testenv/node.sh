@@ -360,7 +360,12 @@ node_pids() {
   if pid_alive "$run/node-ns.pid"; then
     holder="$(cat "$run/node-ns.pid")"
     ns="$(readlink "/proc/$holder/ns/mnt")"
-    for p in /proc/[0-9]*; do
+    # a reused pid of a host process shares the host's mount namespace: never
+    # take every host process for the node's
+    if [[ "$ns" == "$(readlink /proc/1/ns/mnt)" || "$ns" == "$(readlink /proc/self/ns/mnt)" ]]; then
+      ns=""
+    fi
+    [[ -n "$ns" ]] && for p in /proc/[0-9]*; do
       [[ "$(readlink "$p/ns/mnt" 2>/dev/null)" == "$ns" && "${p#/proc/}" != "$holder" ]] && echo "${p#/proc/}"
     done
   fi

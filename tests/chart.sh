@@ -225,6 +225,13 @@ expect "default values: the Pod network, the cluster's DNS policy, a writable /t
   "|||tmp:/tmp|" \
   rendered -- templates/deployment.yaml \
   '{.spec.template.spec.hostNetwork}|{.spec.template.spec.dnsPolicy}|{.spec.template.spec.containers[0].readinessProbe.httpGet.host}|{.spec.template.spec.containers[0].volumeMounts[0].name}:{.spec.template.spec.containers[0].volumeMounts[0].mountPath}|{.spec.template.spec.initContainers}'
+expect "hostNetwork: updates replace Pods (maxSurge 0), the node port is never held twice" "RollingUpdate 0 1" \
+  rendered --set hostNetwork=true -- templates/deployment.yaml \
+  '{.spec.strategy.type} {.spec.strategy.rollingUpdate.maxSurge} {.spec.strategy.rollingUpdate.maxUnavailable}'
+expect "updateStrategy overrides it" "Recreate" \
+  rendered --set hostNetwork=true --set updateStrategy.type=Recreate -- templates/deployment.yaml '{.spec.strategy.type}'
+expect "the Pod network keeps the Kubernetes default strategy" "" \
+  rendered -- templates/deployment.yaml '{.spec.strategy}' 
 expect "dnsPolicy overrides the hostNetwork default" "true Default" \
   rendered --set hostNetwork=true --set dnsPolicy=Default -- templates/deployment.yaml \
   '{.spec.template.spec.hostNetwork} {.spec.template.spec.dnsPolicy}'

@@ -13,7 +13,9 @@
 #    token to a hostPath file; no two intervals overlap, tokens increase in grant
 #    order, every Job completes;
 #  - a Job whose Pod fails: the lock is released and the next Job served;
-#  - a Pod deleted mid-run: its Job fails, the lock is released, the next served.
+#  - a Pod deleted mid-run: its Job fails, the lock is released, the next served;
+#  - a gated Job deleted mid-run (its request goes with it): the lock stays with
+#    its Pod through the Pod's grace period, then the next Job runs.
 #   eval "$(testenv/testenv env)"; tests/e2e-jobs.sh
 # shellcheck source=tests/e2e-lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/e2e-lib.sh"
@@ -150,6 +152,17 @@ gated_job fail-2 fail 1 0 | apply
 step "lock 'del': a Job whose Pod is deleted mid-run, then a Job waiting for it"
 gated_job del-1 del 600 0 | apply
 init_job del-2 del 1 0 | apply
+step "lock 'jobdel': a gated Job deleted while its Pod still works through its grace period"
+# its Pod keeps working 6 s after SIGTERM (grace 30 s): the lock must stay with it
+gated_job jd-1 jobdel 600 0 | kc -n "$ns" create --dry-run=client -o json -f - | jq --argjson script "$(
+  cat <<'SH' | jq -Rs .
+s=$(cut -d' ' -f1 /proc/uptime); echo "START $JOB $s $FENCING_TOKEN" >>/record/records
+trap 'sleep 6; e=$(cut -d" " -f1 /proc/uptime); echo "END $JOB $e $FENCING_TOKEN" >>/record/records; exit 0' TERM
+sleep 600 & wait
+SH
+)" '.spec.template.spec.terminationGracePeriodSeconds = 30 | .spec.template.spec.containers[0].command = ["sh", "-c", $script]' |
+  kc -n "$ns" apply -f - >/dev/null
+gated_job jd-2 jobdel 1 0 | apply
 
 # --- checks ------------------------------------------------------------------------------
 token_in_log() { # job container text → the fencing token printed after TEXT
@@ -185,6 +198,14 @@ grep -q "^END del-1 " "$records" && fail "del-1 ran to its end: the Pod was not 
 del2_start="$(awk '$1 == "START" && $2 == "del-2" {print $3}' "$records")"
 awk -v a="$del2_start" -v b="$del_at" 'BEGIN {exit !(a > b)}' || fail "del-2 started at $del2_start, before del-1's Pod was deleted at $del_at"
 echo "    del-1's Pod deleted at $del_at, del-2 started at $del2_start"
+
+step "a gated Job deleted mid-run: its lock stays with its terminating Pod, then the next Job runs"
+wait_until "jd-1 started its work" started jd-1
+kc -n "$ns" delete job jd-1 --wait=false >/dev/null
+wait_until "job jd-2 Complete" job_finished Complete jd-2
+lines="$(intervals jd-1 jd-2)"
+sed 's/^/    start end token job: /' <<<"$lines"
+out="$(exclusive "$lines")" || fail "lock jobdel: the next Job ran while the deleted Job's Pod still worked: $out"
 
 step "a Job whose Pod fails: the lock is released, the next Job served"
 wait_until "job fail-1 Failed" job_finished Failed fail-1

@@ -38,6 +38,9 @@ mkdir "$work/rootfs"
 for l in $(jq -r '.layers[].digest' "$manifest"); do tar -C "$work/rootfs" -xzf "$(blob "$l")"; done
 bin="$work/rootfs${want_entrypoint:2:-2}"
 [[ -x "$bin" ]] || fail "the entrypoint ${want_entrypoint} is not an executable in the image"
+# it is this checkout's binary, not one another checkout cached
+[[ "$(sha256sum <"$bin")" == "$(sha256sum <target/release/lockctl)" ]] ||
+  fail "the image's lockctl is not target/release/lockctl of this checkout"
 for sh in bin/sh bin/bash usr/bin/sh bin/busybox; do
   [[ ! -e "$work/rootfs/$sh" && ! -L "$work/rootfs/$sh" ]] || fail "the image contains a shell: /$sh"
 done

@@ -20,6 +20,10 @@ pub enum Error {
     /// newer copy is on its way.
     #[error("the request changed meanwhile; deciding again on the newer copy")]
     Stale,
+    /// A gated request deleted with its Job: the Job's Pods still run, so the
+    /// lock is kept until they are gone (the finalizer stays meanwhile).
+    #[error("its Job is gone but its Pods still run; keeping the lock until they finish")]
+    HolderStillRunning,
 }
 
 /// What kind of failure an error is: a bounded label for metrics and the key
@@ -30,6 +34,8 @@ pub enum Category {
     Kube,
     /// A write decided on a stale copy was refused (compare-and-swap).
     Conflict,
+    /// Not a failure: the request waits for something to finish before it can go.
+    Waiting,
     /// The finalizer helper failed outside apply/cleanup.
     Finalizer,
     /// The search engine could not be reached (after retries).
@@ -54,9 +60,10 @@ pub enum Category {
 
 impl Category {
     /// Every category, for tests and dashboards.
-    pub const ALL: [Category; 12] = [
+    pub const ALL: [Category; 13] = [
         Category::Kube,
         Category::Conflict,
+        Category::Waiting,
         Category::Finalizer,
         Category::Unavailable,
         Category::Engine,
@@ -74,6 +81,7 @@ impl Category {
         match self {
             Category::Kube => "kube",
             Category::Conflict => "conflict",
+            Category::Waiting => "waiting",
             Category::Finalizer => "finalizer",
             Category::Unavailable => "unavailable",
             Category::Engine => "engine",
@@ -92,6 +100,7 @@ impl Category {
         match self {
             // a stale cache catches up within moments
             Category::Conflict => Duration::from_millis(200),
+            Category::Waiting => Duration::from_secs(1),
             Category::Kube | Category::Finalizer => Duration::from_millis(500),
             // the engine may come back any moment; its client already retried 3 times
             Category::Unavailable | Category::Engine => Duration::from_secs(2),
@@ -133,6 +142,7 @@ impl Error {
             },
             Error::Invalid(_) => Category::Invalid,
             Error::Stale => Category::Conflict,
+            Error::HolderStillRunning => Category::Waiting,
         }
     }
 }

@@ -76,6 +76,18 @@ pub async fn fetch(client: &kube::Client, lock: &DistributedLock) -> Result<Hold
     })
 }
 
+/// True when the Job a gated request was made for is gone or being deleted.
+pub async fn gating_job_going(client: &kube::Client, lock: &DistributedLock) -> Result<bool> {
+    let Some(holder) = lock.spec.holder_ref.as_ref().filter(|h| h.kind == HolderKind::Job) else {
+        return Ok(false);
+    };
+    let job = Api::<Job>::namespaced(client.clone(), &lock.namespace().unwrap_or_default())
+        .get_opt(&holder.name)
+        .await
+        .map_err(Error::Kube)?;
+    Ok(job.is_none_or(|job| job.metadata.deletion_timestamp.is_some()))
+}
+
 /// True while a Pod of the Job named `job` (the Job controller labels them
 /// `batch.kubernetes.io/job-name`) has not finished.
 async fn job_pods_running(client: &kube::Client, namespace: &str, job: &str) -> Result<bool> {

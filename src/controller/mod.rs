@@ -208,7 +208,7 @@ pub fn retry_after<K: Resource<DynamicType = ()>>(object: &K, error: &Error, ctx
             category: category.as_str(),
         })
         .inc();
-    let level_warn = category != Category::Conflict;
+    let level_warn = !matches!(category, Category::Conflict | Category::Waiting);
     if !level_warn {
         tracing::debug!(kind = %K::kind(&()), name = %object.name_any(), "decided on a stale copy; deciding again");
         return Action::requeue(category.backoff());
@@ -283,6 +283,19 @@ async fn apply(lock: Arc<DistributedLock>, ctx: &Context) -> Result<Action> {
 /// status leaves a grant the status does not show — then let the next in.
 async fn cleanup(lock: Arc<DistributedLock>, ctx: &Context) -> Result<Action> {
     let key = queue::lock_key(&lock);
+    // A suspend-gated request deleted along with its Job (garbage collection):
+    // the Job's Pods may still run through their grace period, so the lock is
+    // kept — and renewed — until they are gone. (Deleting the request itself,
+    // while its Job stays, releases at once: that is how a lock is forced free.)
+    if queue::phase(&lock) == Phase::Granted
+        && holder::owned_by_holder(&lock)
+        && holder::gating_job_going(&ctx.client, &lock).await?
+        && holder::fetch(&ctx.client, &lock).await? == holder::HolderState::Running
+    {
+        // renew if due, then keep the finalizer: cleanup is not done
+        granted::reconcile(lock, ctx, &key).await?;
+        return Err(Error::HolderStillRunning);
+    }
     if release_own(&lock, ctx, &key).await? {
         let note = format!("lock {key} released: request deleted");
         events::normal(&ctx.recorder, &object_ref(&lock), "Released", note).await;
