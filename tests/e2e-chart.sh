@@ -130,11 +130,23 @@ make_lock ha-1 ha
 wait_until "lock ha-1 Granted" granted_token ha-1
 make_lock ha-2 ha
 
-step "delete the leader Pod $leader → $standby leads and grants continue"
+step "delete the leader Pod $leader → another replica leads and grants continue"
 t0=$SECONDS
 kc -n "$ns" delete pod "$leader" --wait=false >/dev/null
-wait_until "the Lease taken over by $standby" holder_is "$standby"
+# the standby, or the replacement Pod if it starts first: any replica but the deleted one
+held_by_another() {
+  local h
+  h="$(lease_holder)"
+  [[ -n "$h" && "$h" != "$leader" ]] && kc -n "$ns" get pod "$h" >/dev/null 2>&1 || { echo "Lease holder: '$h'"; return 1; }
+}
+wait_until "the Lease taken over by another replica" held_by_another
+standby="$(lease_holder)"
 echo "    $standby holds the Lease $((SECONDS - t0)) s after the delete"
+pod_ready() {
+  [[ "$(kc -n "$ns" get pod "$1" -o 'jsonpath={.status.conditions[?(@.type=="Ready")].status}')" == True ]] ||
+    { echo "pod $1 is not Ready"; return 1; }
+}
+wait_until "$standby Ready" pod_ready "$standby"
 leader_is() { local l; l="$(leader_metric "$2")"; [[ "$l" == "$1" ]] || { echo "$2: leader=$l"; return 1; }; }
 wait_until "$standby reports leader=1" leader_is 1 "$standby"
 [[ "$(curl -fsS --max-time 3 "http://$(kc -n "$ns" get pod "$standby" -o 'jsonpath={.status.podIP}'):8080/readyz")" == ok ]] || fail "/readyz of the new leader"

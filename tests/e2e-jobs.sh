@@ -199,14 +199,6 @@ del2_start="$(awk '$1 == "START" && $2 == "del-2" {print $3}' "$records")"
 awk -v a="$del2_start" -v b="$del_at" 'BEGIN {exit !(a > b)}' || fail "del-2 started at $del2_start, before del-1's Pod was deleted at $del_at"
 echo "    del-1's Pod deleted at $del_at, del-2 started at $del2_start"
 
-step "a gated Job deleted mid-run: its lock stays with its terminating Pod, then the next Job runs"
-wait_until "jd-1 started its work" started jd-1
-kc -n "$ns" delete job jd-1 --wait=false >/dev/null
-wait_until "job jd-2 Complete" job_finished Complete jd-2
-lines="$(intervals jd-1 jd-2)"
-sed 's/^/    start end token job: /' <<<"$lines"
-out="$(exclusive "$lines")" || fail "lock jobdel: the next Job ran while the deleted Job's Pod still worked: $out"
-
 step "a Job whose Pod fails: the lock is released, the next Job served"
 wait_until "job fail-1 Failed" job_finished Failed fail-1
 wait_until "lock fail-1 Released" lock_phase_is Released fail-1
@@ -231,6 +223,14 @@ exclusive() {
          end = $2; tok = $3; job = $4 } END { exit bad }' <<<"$1"
 }
 gap_report() { awk '{ if (NR > 1) printf "%s→%s %.2fs  ", job, $4, $1 - end; end = $2; job = $4 } END { print "" }' <<<"$1"; }
+step "a gated Job deleted mid-run: its lock stays with its terminating Pod, then the next Job runs"
+wait_until "jd-1 started its work" started jd-1
+kc -n "$ns" delete job jd-1 --wait=false >/dev/null
+wait_until "job jd-2 Complete" job_finished Complete jd-2
+lines="$(intervals jd-1 jd-2)"
+sed 's/^/    start end token job: /' <<<"$lines"
+out="$(exclusive "$lines")" || fail "lock jobdel: the next Job ran while the deleted Job's Pod still worked: $out"
+
 lines="$(intervals fail-1 fail-2)"
 out="$(exclusive "$lines")" || fail "lock fail: $out"
 
