@@ -7,38 +7,14 @@
 # Every wait is a poll with a deadline (KLM_E2E_TIMEOUT, default 120 s).
 # KLM_E2E_LOGS=DIR keeps the operator's log of every release there.
 # shellcheck shell=bash
-set -euo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
-fail() { echo "FAIL: $*" >&2; exit 1; }
-step() { echo "--- $*"; }
+# shellcheck source=tests/node-lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/node-lib.sh"
 timeout="${KLM_E2E_TIMEOUT:-120}"
-
-eval "$(testenv/testenv env)"
-[[ "${KLM_NODE:-}" == 1 ]] || fail "the test environment has no node: run \`testenv/testenv up --node\`"
-version="$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n1)"
-api_port="$KLM_APISERVER_PORT"
 es_url="http://127.0.0.1:$KLM_ES_PORT"
 helm="$(testenv/build-helm.sh)" || fail "cannot build or find helm (testenv/build-helm.sh)"
 chart=charts/kube-lock-manager
 crd_name=distributedlocks.lockmanager.dev
-kc() { kubectl --request-timeout=30s "$@"; }
 
-# Polls until the command succeeds; fails with what it last printed at the deadline.
-wait_until() {
-  local what="$1" deadline=$((SECONDS + timeout)) out="" rc
-  shift
-  until out="$("$@" 2>&1)"; do
-    rc=$?
-    ((rc != 99)) || fail "$what: $out"
-    ((SECONDS < deadline)) || fail "$what: not within ${timeout}s (last: $out)"
-    sleep 0.3
-  done
-}
-jsonpath_is() { # want resource jsonpath
-  local got
-  got="$(kc -n "$ns" get "$2" -o "jsonpath=$3")"
-  [[ "$got" == "$1" ]] || { echo "$2 $3 = '$got'"; return 1; }
-}
 # job_finished JOB Complete|Failed: that condition (exit 99 on the other one)
 job_finished() {
   local want="$1" job="$2" other=Failed c

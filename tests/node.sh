@@ -8,34 +8,10 @@
 #  - a Job from the same image completes through the real Job controller;
 #  - local/lockctl:<version> runs `--version` as 65532 with a read-only root.
 #   eval "$(testenv/testenv up --node)"; tests/node.sh
-set -euo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
-fail() { echo "FAIL: $*" >&2; exit 1; }
-step() { echo "--- $*"; }
-
-eval "$(testenv/testenv env)"
-[[ "${KLM_NODE:-}" == 1 ]] || fail "the test environment has no node: run \`testenv/testenv up --node\`"
-version="$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n1)"
-api_port="$KLM_APISERVER_PORT"
+# shellcheck source=tests/node-lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/node-lib.sh"
 timeout="${KLM_NODE_TEST_TIMEOUT:-90}"
 
-# Polls until the command succeeds; fails with what it last printed at the deadline.
-wait_until() {
-  local what="$1" deadline=$((SECONDS + timeout)) out=""
-  shift
-  local rc=0
-  until out="$("$@" 2>&1)"; do
-    rc=$?
-    ((rc != 99)) || fail "$what: $out"
-    ((SECONDS < deadline)) || fail "$what: not within ${timeout}s (last: $out)"
-    sleep 0.5
-  done
-}
-jsonpath_is() { # want resource jsonpath
-  local got
-  got="$(kubectl -n "$ns" get "$2" -o "jsonpath=$3")"
-  [[ "$got" == "$1" ]] || { echo "$2 $3 = '$got'"; return 1; }
-}
 logs_contain() { local logs; logs="$(kubectl -n "$ns" logs "$1")" && grep -qF -- "$2" <<<"$logs"; }
 # exit status 99 stops wait_until at once
 succeeded() {
