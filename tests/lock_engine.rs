@@ -478,15 +478,12 @@ async fn an_index_with_a_wrong_token_mapping_is_refused_and_its_documents_kept()
     let prefix = common::unique("broken");
     let client = common::lock_client(&url, &prefix);
     let index = format!("{prefix}-000001");
-    let created = client
-        .elasticsearch()
-        .indices()
-        .create(IndicesCreateParts::Index(&index))
-        .body(json!({"mappings": {"properties": {"token": {"type": "text"}, "expiresAt": {"type": "date"}}}}))
-        .send()
-        .await
-        .unwrap();
-    assert!(created.status_code().is_success());
+    create_index_by_hand(
+        &client,
+        &index,
+        json!({"mappings": {"properties": {"token": {"type": "text"}, "expiresAt": {"type": "date"}}}}),
+    )
+    .await;
     let put = client
         .elasticsearch()
         .index(elasticsearch::IndexParts::IndexId(&index, "precious"))
@@ -528,17 +525,14 @@ async fn an_index_missing_our_extra_fields_is_repaired_in_place() {
     let client = common::lock_client(&url, &prefix);
     let index = format!("{prefix}-000001");
     // Kibana's own mappings: no holder, no fencingToken
-    let created = client
-        .elasticsearch()
-        .indices()
-        .create(IndicesCreateParts::Index(&index))
-        .body(json!({"mappings": {"dynamic": false, "properties": {
+    create_index_by_hand(
+        &client,
+        &index,
+        json!({"mappings": {"dynamic": false, "properties": {
             "token": {"type": "keyword"}, "createdAt": {"type": "date"},
-            "expiresAt": {"type": "date"}, "metadata": {"type": "object", "enabled": false}}}}))
-        .send()
-        .await
-        .unwrap();
-    assert!(created.status_code().is_success());
+            "expiresAt": {"type": "date"}, "metadata": {"type": "object", "enabled": false}}}}),
+    )
+    .await;
     let uuid = index_uuid(&client, &index).await;
     let lock = client
         .acquire("x", Duration::from_secs(30), json!({}))
@@ -815,15 +809,12 @@ async fn a_lock_index_recreated_under_a_running_client_is_refused() {
     common::delete_index(&client, &index).await;
     // re-created by hand, alias and all, as a snapshot restore would: its
     // sequence numbers start again
-    let created = client
-        .elasticsearch()
-        .indices()
-        .create(IndicesCreateParts::Index(&index))
-        .body(json!({"mappings": kube_lock_manager::lock::lock_mappings(), "aliases": {prefix.clone(): {}}}))
-        .send()
-        .await
-        .unwrap();
-    assert!(created.status_code().is_success());
+    create_index_by_hand(
+        &client,
+        &index,
+        json!({"mappings": kube_lock_manager::lock::lock_mappings(), "aliases": {prefix.clone(): {}}}),
+    )
+    .await;
     for (who, c) in [("running", &client), ("fresh", &common::lock_client(&url, &prefix))] {
         let err = c
             .acquire("b", Duration::from_secs(30), json!({}))
@@ -974,4 +965,22 @@ async fn until_expired(client: &kube_lock_manager::lock::LockClient, id: &str) {
         client.get(id).await.unwrap().is_none().then_some(())
     })
     .await;
+}
+
+/// Creates `index` directly with this body (as an admin, an older version or
+/// a restore would), bypassing the engine's setup.
+async fn create_index_by_hand(client: &kube_lock_manager::lock::LockClient, index: &str, body: Value) {
+    let created = client
+        .elasticsearch()
+        .indices()
+        .create(IndicesCreateParts::Index(index))
+        .body(body)
+        .send()
+        .await
+        .expect("create index");
+    assert!(
+        created.status_code().is_success(),
+        "create {index}: {}",
+        created.status_code()
+    );
 }
