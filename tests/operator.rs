@@ -389,6 +389,27 @@ async fn a_restarted_controller_keeps_the_holder_its_token_and_the_queue_order()
 }
 
 #[tokio::test]
+async fn requests_made_while_the_controller_restarts_keep_their_order() {
+    let Some(mut s) = Setup::new("restart-order", &[]).await else {
+        return;
+    };
+    s.create("holder", json!({"lockId": "r"})).await;
+    s.granted("holder").await;
+    // killed while it is taking on the first waiters: some have a finalizer,
+    // some a recorded place, some nothing yet
+    let names: Vec<String> = (1..=8).map(|i| format!("w{i}")).collect();
+    for (i, name) in names.iter().enumerate() {
+        s.create(name, json!({"lockId": "r"})).await;
+        if i == 3 {
+            s.operator.restart();
+        }
+    }
+    for (i, name) in names.iter().enumerate() {
+        s.pending_at(name, i as i32 + 1).await;
+    }
+}
+
+#[tokio::test]
 async fn kubectl_get_locks_shows_the_columns() {
     let Some(s) = Setup::new("kubectl", &[]).await else {
         return;

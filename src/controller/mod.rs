@@ -232,7 +232,7 @@ pub async fn reconcile(lock: Arc<DistributedLock>, ctx: Arc<Context>) -> Result<
         .ok_or_else(|| Error::Invalid("DistributedLock without a namespace".into()))?;
     let api: Api<DistributedLock> = Api::namespaced(ctx.client.clone(), &namespace);
     if lock.metadata.deletion_timestamp.is_none() && !lock.finalizers().iter().any(|f| f == FINALIZER) {
-        return add_finalizer(&Api::namespaced(ctx.client.clone(), &namespace), &lock).await;
+        return arrive(&Api::namespaced(ctx.client.clone(), &namespace), &lock, &ctx).await;
     }
     let result = finalizer(&api, FINALIZER, lock, |event| async {
         match event {
@@ -246,13 +246,34 @@ pub async fn reconcile(lock: Arc<DistributedLock>, ctx: Arc<Context>) -> Result<
     result
 }
 
-/// Adds the release finalizer in one compare-and-swap write (our copy's
-/// resourceVersion), so a stale copy never overwrites someone's finalizers.
-async fn add_finalizer(api: &Api<raw::RawRequest>, lock: &DistributedLock) -> Result<Action> {
+/// A request this controller has not taken on yet: first its place in line
+/// goes into its status, then the release finalizer is added. In this order
+/// the first write to a new request is the one that records its arrival, so
+/// a controller that starts after a crash still finds every unrecorded
+/// request at the resourceVersion it was created with (the tiebreak within
+/// a second), never at a later one of its own making.
+async fn arrive(api: &Api<raw::RawRequest>, lock: &DistributedLock, ctx: &Context) -> Result<Action> {
+    let version = if queue::Arrival::recorded(lock).is_some() {
+        lock.resource_version()
+    } else {
+        match status::write(&ctx.client, lock, status::arrived(lock, &ctx.arrival(lock))).await {
+            Ok(version) => version,
+            // a newer copy is on its way and triggers the next reconcile
+            Err(Error::Stale) => return Ok(Action::await_change()),
+            Err(e) => return Err(e),
+        }
+    };
+    add_finalizer(api, lock, version).await
+}
+
+/// Adds the release finalizer in one compare-and-swap write (at `version`,
+/// the resourceVersion of our copy), so a stale copy never overwrites
+/// someone's finalizers.
+async fn add_finalizer(api: &Api<raw::RawRequest>, lock: &DistributedLock, version: Option<String>) -> Result<Action> {
     let mut finalizers = lock.finalizers().to_vec();
     finalizers.push(FINALIZER.to_string());
     let patch = Patch::Merge(json!({
-        "metadata": {"resourceVersion": lock.resource_version(), "finalizers": finalizers}
+        "metadata": {"resourceVersion": version, "finalizers": finalizers}
     }));
     match api.patch(&lock.name_any(), &PatchParams::default(), &patch).await {
         // The write itself triggers the next reconcile.

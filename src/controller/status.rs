@@ -70,6 +70,19 @@ pub fn pending(
     next
 }
 
+/// The status of a request the controller has just seen for the first time:
+/// its place in line, recorded before anything else about it is written.
+pub fn arrived(lock: &DistributedLock, arrival: &Arrival) -> DistributedLockStatus {
+    let mut next = DistributedLockStatus {
+        phase: Some(Phase::Pending),
+        lock_key: Some(queue::lock_key(lock)),
+        observed_generation: lock.metadata.generation,
+        ..Default::default()
+    };
+    record_arrival(&mut next, arrival);
+    next
+}
+
 /// The status of a request that was just granted `grant` at `now`.
 pub fn granted(
     lock: &DistributedLock,
@@ -192,9 +205,14 @@ fn set_condition(
 /// carries the resourceVersion of the copy it was decided from: a status
 /// decided on a stale copy (say, Pending, while a newer reconcile already
 /// wrote Granted) is refused (`Error::Stale`) instead of overwriting the newer one.
-pub async fn write(client: &kube::Client, lock: &DistributedLock, next: DistributedLockStatus) -> Result<()> {
+/// Returns the request's resourceVersion after the write.
+pub async fn write(
+    client: &kube::Client,
+    lock: &DistributedLock,
+    next: DistributedLockStatus,
+) -> Result<Option<String>> {
     if lock.status.as_ref() == Some(&next) {
-        return Ok(());
+        return Ok(lock.resource_version());
     }
     // the answer is read as a RawRequest: it decodes whatever the object holds
     let api: Api<super::raw::RawRequest> = Api::namespaced(client.clone(), &lock.namespace().unwrap_or_default());
@@ -212,7 +230,7 @@ pub async fn write(client: &kube::Client, lock: &DistributedLock, next: Distribu
         )
         .await
     {
-        Ok(_) => Ok(()),
+        Ok(written) => Ok(written.metadata.resource_version),
         Err(kube::Error::Api(s)) if s.code == 409 => Err(Error::Stale),
         Err(e) => Err(Error::Kube(e)),
     }
