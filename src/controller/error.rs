@@ -56,11 +56,13 @@ pub enum Category {
     Invalid,
     /// The engine settings are unusable.
     Config,
+    /// The key is used as the other kind (mutex vs semaphore).
+    Kind,
 }
 
 impl Category {
     /// Every category, for tests and dashboards.
-    pub const ALL: [Category; 13] = [
+    pub const ALL: [Category; 14] = [
         Category::Kube,
         Category::Conflict,
         Category::Waiting,
@@ -74,6 +76,7 @@ impl Category {
         Category::Index,
         Category::Invalid,
         Category::Config,
+        Category::Kind,
     ];
 
     /// The metric label.
@@ -92,6 +95,7 @@ impl Category {
             Category::Index => "index",
             Category::Invalid => "invalid",
             Category::Config => "config",
+            Category::Kind => "kind",
         }
     }
 
@@ -106,9 +110,12 @@ impl Category {
             Category::Unavailable | Category::Engine => Duration::from_secs(2),
             Category::Held => Duration::from_secs(1),
             // needs a person: look again now and then, and stay visible
-            Category::Unauthorized | Category::Fencing | Category::Index | Category::Response | Category::Config => {
-                Duration::from_secs(10)
-            }
+            Category::Unauthorized
+            | Category::Fencing
+            | Category::Index
+            | Category::Response
+            | Category::Config
+            | Category::Kind => Duration::from_secs(10),
             Category::Invalid => Duration::from_secs(300),
         }
     }
@@ -125,6 +132,7 @@ impl Category {
             LockError::FencingUnproven { .. } => Category::Fencing,
             LockError::Index { .. } => Category::Index,
             LockError::Config(_) => Category::Config,
+            LockError::KindMismatch { .. } | LockError::NoSemaphore { .. } => Category::Kind,
         }
     }
 }

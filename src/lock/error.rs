@@ -49,6 +49,13 @@ pub enum LockError {
     /// with the wrong type); it is left untouched.
     #[error("lock index {index}: {message}")]
     Index { index: String, message: String },
+    /// The key is used as the other kind (a mutex call on a semaphore key, or
+    /// a semaphore call on a key a live mutex holds); the message says which.
+    #[error("lock {lock_id:?}: {message}")]
+    KindMismatch { lock_id: String, message: String },
+    /// A permit request for a key that has no semaphore.
+    #[error("lock {lock_id:?} has no semaphore: create it first (lockctl semaphore set {lock_id} --limit N)")]
+    NoSemaphore { lock_id: String },
     /// The connection settings are malformed.
     #[error(transparent)]
     Config(#[from] ConfigError),
@@ -72,6 +79,7 @@ impl LockError {
             LockError::FencingUnproven { .. } => "fencing",
             LockError::Index { .. } => "index",
             LockError::Config(_) => "config",
+            LockError::KindMismatch { .. } | LockError::NoSemaphore { .. } => "kind",
         }
     }
 }
