@@ -24,6 +24,10 @@ pub use crate::crd::LOCK_ANNOTATION;
 pub const TTL_ANNOTATION: &str = "lockmanager.dev/ttl";
 pub const SCOPE_ANNOTATION: &str = "lockmanager.dev/scope";
 pub const PRIORITY_ANNOTATION: &str = "lockmanager.dev/priority";
+/// With a Semaphore on the key: permits the Job takes (default 1).
+pub const PERMITS_ANNOTATION: &str = "lockmanager.dev/permits";
+/// With a Semaphore on the key: "true" takes every permit.
+pub const EXCLUSIVE_ANNOTATION: &str = "lockmanager.dev/exclusive";
 pub const FENCING_ANNOTATION: &str = "lockmanager.dev/fencing-token";
 /// Kueue's label: a Job carrying it is admitted (un-suspended) by Kueue.
 pub const KUEUE_QUEUE_LABEL: &str = "kueue.x-k8s.io/queue-name";
@@ -108,6 +112,31 @@ pub fn request_for(job: &Job, name: &str) -> Result<DistributedLock, String> {
             .parse()
             .map_err(|_| format!("annotation {PRIORITY_ANNOTATION}: {p:?} is not a 32-bit integer"))?,
     };
+    let permits = match annotations.get(PERMITS_ANNOTATION) {
+        None => None,
+        Some(p) => Some(
+            p.parse::<u32>()
+                .ok()
+                .filter(|p| (1..=crate::crd::MAX_PERMITS).contains(p))
+                .ok_or_else(|| {
+                    format!("annotation {PERMITS_ANNOTATION}: {p:?} is not a number of permits (1..10000)")
+                })?,
+        ),
+    };
+    let exclusive = match annotations.get(EXCLUSIVE_ANNOTATION).map(String::as_str) {
+        None | Some("false") => None,
+        Some("true") if permits.is_some() => {
+            return Err(format!(
+                "annotations {PERMITS_ANNOTATION} and {EXCLUSIVE_ANNOTATION}: \"true\" cannot be combined"
+            ));
+        }
+        Some("true") => Some(true),
+        Some(other) => {
+            return Err(format!(
+                "annotation {EXCLUSIVE_ANNOTATION}: {other:?} is not true or false"
+            ));
+        }
+    };
     let mut request = DistributedLock::new(
         name,
         DistributedLockSpec {
@@ -118,6 +147,8 @@ pub fn request_for(job: &Job, name: &str) -> Result<DistributedLock, String> {
             holder: None,
             priority,
             acquire_timeout: None,
+            permits,
+            exclusive,
             holder_ref: Some(HolderRef {
                 kind: HolderKind::Job,
                 name: job.name_any(),

@@ -22,6 +22,12 @@ pub struct ErrorLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    /// mutex or semaphore
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CategoryLabels {
     pub category: &'static str,
 }
@@ -29,7 +35,7 @@ pub struct CategoryLabels {
 /// Every number the operator exports.
 pub struct Metrics {
     pub registry: Registry,
-    pub grants: Counter,
+    pub grants: Family<KindLabels, Counter>,
     pub releases: Counter,
     pub expiries: Counter,
     pub losses: Counter,
@@ -40,6 +46,9 @@ pub struct Metrics {
     pub handoff_seconds: Histogram,
     pub holders: Gauge,
     pub waiters: Gauge,
+    pub permits_held: Gauge,
+    pub permits_waiting: Gauge,
+    pub head_of_line_skips: Counter,
     pub engine_request_seconds: Family<OperationLabels, Histogram>,
     pub engine_errors: Family<ErrorLabels, Counter>,
     pub reconcile_errors: Family<CategoryLabels, Counter>,
@@ -52,7 +61,12 @@ impl Default for Metrics {
         let mut registry = Registry::with_prefix("lockmanager");
         let r = &mut registry;
         let latency = || Histogram::new(exponential_buckets(0.001, 2.0, 16));
-        let grants = registered(r, "grants", "Locks granted", Counter::default());
+        let grants = registered(
+            r,
+            "grants",
+            "Locks granted, by kind (mutex or semaphore)",
+            Family::<KindLabels, Counter>::default(),
+        );
         let releases = registered(r, "releases", "Locks released by the controller", Counter::default());
         let expiries = registered(r, "expiries", "Leases that ran out before renewal", Counter::default());
         let losses = registered(
@@ -88,6 +102,24 @@ impl Default for Metrics {
         );
         let holders = registered(r, "holders", "Requests currently Granted", Gauge::default());
         let waiters = registered(r, "waiters", "Requests currently Pending", Gauge::default());
+        let permits_held = registered(
+            r,
+            "permits_held",
+            "Semaphore permits held by Granted requests (exclusive: the whole limit)",
+            Gauge::default(),
+        );
+        let permits_waiting = registered(
+            r,
+            "permits_waiting",
+            "Semaphore permits asked for by Pending requests",
+            Gauge::default(),
+        );
+        let head_of_line_skips = registered(
+            r,
+            "head_of_line_skips",
+            "Grants that passed a waiting head that did not fit (BestEffortFIFO)",
+            Counter::default(),
+        );
         let engine_request_seconds = registered(
             r,
             "engine_request_seconds",
@@ -126,6 +158,9 @@ impl Default for Metrics {
             handoff_seconds,
             holders,
             waiters,
+            permits_held,
+            permits_waiting,
+            head_of_line_skips,
             engine_request_seconds,
             engine_errors,
             reconcile_errors,
@@ -147,6 +182,11 @@ fn registered<M: prometheus_client::registry::Metric + Clone>(
 }
 
 impl Metrics {
+    /// Counts a grant of a `kind` ("mutex" or "semaphore") key.
+    pub fn granted(&self, kind: &'static str) {
+        self.grants.get_or_create(&KindLabels { kind }).inc();
+    }
+
     /// Records one lock index request.
     pub fn engine_call<T, E: EngineErrorCategory>(
         &self,

@@ -24,11 +24,12 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use crate::controller::index::QueueIndex;
 use crate::controller::status::{IndexHealth, reason};
 use crate::controller::{self, Context};
-use crate::crd::{DistributedLock, FIELD_MANAGER, HolderKind};
+use crate::crd::{DistributedLock, FIELD_MANAGER, HolderKind, Semaphore};
 use crate::engine::EngineArgs;
 use crate::http::Readiness;
 use crate::lock::{LockClient, LockError};
 use crate::metrics::Metrics;
+use crate::queue;
 
 /// Flags of `lockctl operator`.
 #[derive(Args, Debug, Clone)]
@@ -71,8 +72,8 @@ pub enum OperatorError {
     Kube(#[source] kube::Error),
     #[error("cannot load the kubeconfig or in-cluster configuration: {0}")]
     KubeConfig(String),
-    #[error("the DistributedLock CRD is not installed (`lockctl crd | kubectl apply -f -` installs it): {0}")]
-    CrdMissing(#[source] kube::Error),
+    #[error("the {0} CRD is not installed (`lockctl crd | kubectl apply -f -` installs both): {1}")]
+    CrdMissing(&'static str, #[source] kube::Error),
     #[error("the lock index is not usable: {0}")]
     Engine(#[from] LockError),
     #[error("cannot install signal handlers: {0}")]
@@ -103,7 +104,14 @@ pub async fn run(args: OperatorArgs) -> Result<(), OperatorError> {
         .list(&kube::api::ListParams::default().limit(1))
         .await
         .map_err(|e| match &e {
-            kube::Error::Api(s) if s.code == 404 => OperatorError::CrdMissing(e),
+            kube::Error::Api(s) if s.code == 404 => OperatorError::CrdMissing("DistributedLock", e),
+            _ => OperatorError::Kube(e),
+        })?;
+    Api::<Semaphore>::all(client.clone())
+        .list_metadata(&kube::api::ListParams::default().limit(1))
+        .await
+        .map_err(|e| match &e {
+            kube::Error::Api(s) if s.code == 404 => OperatorError::CrdMissing("Semaphore", e),
             _ => OperatorError::Kube(e),
         })?;
     let locks = LockClient::from_args(&args.engine)?;
@@ -145,6 +153,7 @@ pub async fn run(args: OperatorArgs) -> Result<(), OperatorError> {
     let index = Arc::new(QueueIndex::default());
     let (lock_store, lock_writer) = reflector::store_shared::<DistributedLock>(SHARED_STREAM_BUFFER);
     let (job_store, job_writer) = reflector::store_shared::<Job>(SHARED_STREAM_BUFFER);
+    let (semaphore_store, semaphore_writer) = reflector::store_shared::<Semaphore>(SHARED_STREAM_BUFFER);
     let (wake, woken) = mpsc::unbounded_channel();
     let ctx = Arc::new(Context {
         client: client.clone(),
@@ -160,14 +169,18 @@ pub async fn run(args: OperatorArgs) -> Result<(), OperatorError> {
         max_retry_interval: args.max_retry_interval,
         index: index.clone(),
         index_health: std::sync::Mutex::new(index_health),
+        semaphores: semaphore_store.clone(),
+        permit_holders: Default::default(),
     });
     tracing::info!(index = %ctx.locks.index(), "operator started");
 
     let mut lock_watch = watcher::Config::default().any_semantic();
     let mut job_watch = watcher::Config::default().any_semantic();
+    let mut semaphore_watch = watcher::Config::default().any_semantic();
     if let Some(selector) = &args.selector {
         lock_watch = lock_watch.labels(selector);
         job_watch = job_watch.labels(selector);
+        semaphore_watch = semaphore_watch.labels(selector);
     }
     let (bad_objects, bad_objects_rx) = mpsc::unbounded_channel();
     tokio::spawn(controller::watch::report_undecodable(
@@ -178,9 +191,14 @@ pub async fn run(args: OperatorArgs) -> Result<(), OperatorError> {
 
     // One watch per kind, shared by both controllers.
     let subscribe = "a shared store can be subscribed to";
-    let (locks_for_controller, locks_for_gate) = (
+    let (locks_for_controller, locks_for_gate, locks_for_semaphores) = (
         lock_writer.subscribe().expect(subscribe),
         lock_writer.subscribe().expect(subscribe),
+        lock_writer.subscribe().expect(subscribe),
+    );
+    let (semaphores_for_locks, semaphores_for_controller) = (
+        semaphore_writer.subscribe().expect(subscribe),
+        semaphore_writer.subscribe().expect(subscribe),
     );
     let (jobs_for_controller, jobs_for_gate) = (
         job_writer.subscribe().expect(subscribe),
@@ -219,7 +237,13 @@ pub async fn run(args: OperatorArgs) -> Result<(), OperatorError> {
         .reflect_shared(job_writer)
         .for_each(|_| futures::future::ready(()));
 
-    let (holder_index, pod_index) = (index.clone(), index.clone());
+    let semaphore_root = watcher::watcher(Api::<Semaphore>::all(client.clone()), semaphore_watch)
+        .default_backoff()
+        .modify(|semaphore| semaphore.managed_fields_mut().clear())
+        .reflect_shared(semaphore_writer)
+        .for_each(|_| futures::future::ready(()));
+
+    let (holder_index, pod_index, key_index) = (index.clone(), index.clone(), index.clone());
     let lock_controller = Controller::for_shared_stream(locks_for_controller, lock_store.clone())
         .watches_shared_stream(jobs_for_controller, move |job| {
             holder_index.held_by(&(job.namespace().unwrap_or_default(), HolderKind::Job, job.name_any()))
@@ -229,6 +253,10 @@ pub async fn run(args: OperatorArgs) -> Result<(), OperatorError> {
             watcher::Config::default().any_semantic(),
             move |pod| pod_index.held_by(&(pod.namespace().unwrap_or_default(), HolderKind::Pod, pod.name_any())),
         )
+        // a Semaphore's limit moves the queue of its key
+        .watches_shared_stream(semaphores_for_locks, move |semaphore| {
+            key_index.of_key(&controller::semaphores::key_of(&semaphore))
+        })
         .reconcile_on(UnboundedReceiverStream::new(woken))
         .graceful_shutdown_on(wait_for(shutdown.clone()))
         .run(controller::reconcile, controller::error_policy, ctx.clone())
@@ -238,12 +266,32 @@ pub async fn run(args: OperatorArgs) -> Result<(), OperatorError> {
         .graceful_shutdown_on(wait_for(shutdown.clone()))
         .run(crate::gate::reconcile_job, crate::gate::job_error_policy, ctx.clone())
         .for_each(|_| futures::future::ready(()));
+    let governed = semaphore_store.clone();
+    let semaphore_controller = Controller::for_shared_stream(semaphores_for_controller, semaphore_store.clone())
+        // grants and releases change who holds a semaphore's permits
+        .watches_shared_stream(locks_for_semaphores, move |lock| {
+            let key = queue::lock_key(&lock);
+            governed
+                .state()
+                .into_iter()
+                .filter(|s| controller::semaphores::key_of(s) == key)
+                .map(|s| reflector::ObjectRef::from_obj(s.as_ref()))
+                .collect::<Vec<_>>()
+        })
+        .with_config(kube::runtime::controller::Config::default().debounce(Duration::from_millis(200)))
+        .graceful_shutdown_on(wait_for(shutdown.clone()))
+        .run(
+            controller::semaphores::reconcile,
+            controller::semaphores::error_policy,
+            ctx.clone(),
+        )
+        .for_each(|_| futures::future::ready(()));
     let gauges = tokio::spawn(controller::update_gauges_every(ctx.clone(), Duration::from_secs(1)));
     let work = async {
         tokio::select! {
-            _ = futures::future::join(lock_controller, job_gate) => {}
+            _ = futures::future::join3(lock_controller, job_gate, semaphore_controller) => {}
             // the watch streams end only with the process
-            _ = futures::future::join(lock_root, job_root) => {}
+            _ = futures::future::join3(lock_root, job_root, semaphore_root) => {}
             _ = controller::departures(ctx.clone(), departures) => {}
         }
     };

@@ -85,7 +85,10 @@ async fn deleting_the_holder_hands_the_lock_to_the_waiter_fast() {
     })
     .await;
     let metrics = s.operator.metrics().await;
-    assert!(metrics.contains("lockmanager_grants_total 2"), "{metrics}");
+    assert!(
+        metrics.contains(r#"lockmanager_grants_total{kind="mutex"} 2"#),
+        "{metrics}"
+    );
     assert!(metrics.contains("lockmanager_releases_total 1"), "{metrics}");
 }
 

@@ -25,12 +25,22 @@ pub struct Cli {
     pub log_format: crate::telemetry::LogFormat,
 }
 
+/// One of the CRDs `lockctl crd` prints.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum CrdName {
+    Distributedlocks,
+    Semaphores,
+}
+
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the controller.
     Operator(Box<crate::operator::OperatorArgs>),
-    /// Print the DistributedLock CustomResourceDefinition as YAML.
-    Crd,
+    /// Print the CustomResourceDefinitions as YAML (both, or the one named).
+    Crd {
+        #[arg(value_enum)]
+        which: Option<CrdName>,
+    },
     /// Wait until a DistributedLock is Granted (init-container helper).
     Wait(crate::wait::WaitArgs),
     /// Acquire a lock in the index; prints the token. Exit 0 acquired, 1 held by someone else, 2 error.
@@ -111,7 +121,19 @@ impl Cli {
         crate::telemetry::init(self.log_format, if operator { "info" } else { "warn" });
         let result = match self.command {
             Command::Operator(args) => crate::operator::run(*args).await.map(|_| 0).map_err(CliError::from),
-            Command::Crd => match crate::crd::crd_yaml() {
+            Command::Crd { which } => match which.map_or_else(
+                || {
+                    Ok(format!(
+                        "{}{}",
+                        crate::crd::crd_yaml()?,
+                        crate::crd::semaphore_crd_yaml()?
+                    ))
+                },
+                |which| match which {
+                    CrdName::Distributedlocks => crate::crd::crd_yaml(),
+                    CrdName::Semaphores => crate::crd::semaphore_crd_yaml(),
+                },
+            ) {
                 Ok(yaml) => {
                     print!("{yaml}");
                     Ok(0)

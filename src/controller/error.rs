@@ -24,6 +24,9 @@ pub enum Error {
     /// lock is kept until they are gone (the finalizer stays meanwhile).
     #[error("its Job is gone but its Pods still run; keeping the lock until they finish")]
     HolderStillRunning,
+    /// A Semaphore being deleted waits for the holders of its permits.
+    #[error("{0}")]
+    Draining(String),
 }
 
 /// What kind of failure an error is: a bounded label for metrics and the key
@@ -150,7 +153,7 @@ impl Error {
             },
             Error::Invalid(_) => Category::Invalid,
             Error::Stale => Category::Conflict,
-            Error::HolderStillRunning => Category::Waiting,
+            Error::HolderStillRunning | Error::Draining(_) => Category::Waiting,
         }
     }
 }

@@ -15,7 +15,7 @@ use kube::runtime::watcher;
 use crate::crd::{DistributedLock, HolderKind};
 use crate::queue::{self, Sightings};
 
-type LockRef = ObjectRef<DistributedLock>;
+pub type LockRef = ObjectRef<DistributedLock>;
 
 /// A holder a request points at: (namespace, kind, name).
 pub type HolderKey = (String, HolderKind, String);
@@ -115,12 +115,16 @@ impl QueueIndex {
 
     /// The requests of one lock key, as the cache has them now.
     pub fn members(&self, store: &Store<DistributedLock>, key: &str) -> Vec<Arc<DistributedLock>> {
-        let refs: Vec<_> = locked(&self.entries)
+        self.of_key(key).iter().filter_map(|r| store.get(r)).collect()
+    }
+
+    /// References to the requests of one lock key.
+    pub fn of_key(&self, key: &str) -> Vec<LockRef> {
+        locked(&self.entries)
             .by_key
             .get(key)
             .map(|r| r.iter().cloned().collect())
-            .unwrap_or_default();
-        refs.iter().filter_map(|r| store.get(r)).collect()
+            .unwrap_or_default()
     }
 
     /// The requests whose holderRef names this Job or Pod.

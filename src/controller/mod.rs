@@ -5,6 +5,7 @@
 //! function ([`pending::decide`], [`granted::decide`], [`crate::queue`]) and
 //! then acts; I/O stays in the `reconcile` functions and in [`Context`].
 
+pub mod admission;
 pub mod error;
 pub mod events;
 pub mod granted;
@@ -12,6 +13,7 @@ pub mod holder;
 pub mod index;
 pub mod pending;
 pub mod raw;
+pub mod semaphores;
 pub mod status;
 pub mod watch;
 
@@ -36,7 +38,7 @@ use tokio::sync::mpsc;
 pub use error::{Category, Error, Result};
 use status::{IndexHealth, reason};
 
-use crate::crd::{DistributedLock, FINALIZER, HolderKind, Phase};
+use crate::crd::{DistributedLock, FINALIZER, HolderKind, Phase, Semaphore};
 use crate::http::Readiness;
 use crate::lock::{LockClient, LockError};
 use crate::metrics::Metrics;
@@ -58,6 +60,10 @@ pub struct Context {
     pub index: Arc<index::QueueIndex>,
     /// How the lock index answered last.
     pub index_health: Mutex<IndexHealth>,
+    pub semaphores: Store<Semaphore>,
+    /// Each semaphore key as the lock index last showed it (holders outside
+    /// this cluster included).
+    pub permit_holders: Mutex<std::collections::HashMap<String, crate::lock::Semaphore>>,
 }
 
 impl Context {
@@ -82,7 +88,7 @@ impl Context {
                 // about this key or request (a document in a shape we cannot
                 // read, a refused id), not the index's health: no other
                 // request is told the index is down
-                if matches!(category, Category::Invalid | Category::Held) {
+                if matches!(category, Category::Invalid | Category::Held | Category::Kind) {
                     return Err(Error::Lock(e));
                 }
                 if category == Category::Response {
@@ -168,9 +174,28 @@ impl Context {
         Arrival::observed(lock, self.index.first_seen(lock))
     }
 
+    /// The Semaphore that governs `key`, if any (see [`semaphores::governing`]).
+    pub fn semaphore_for(&self, key: &str) -> Option<Arc<Semaphore>> {
+        semaphores::governing(&self.semaphores.state(), key, &|s| {
+            semaphores::scope_allowed(self, s).is_ok()
+        })
+    }
+
+    /// Remembers how the lock index showed a semaphore key.
+    pub fn saw_permits(&self, semaphore: &crate::lock::Semaphore) {
+        let mut seen = self.permit_holders.lock().unwrap_or_else(|p| p.into_inner());
+        seen.insert(semaphore.lock_id.clone(), semaphore.clone());
+    }
+
+    /// How the lock index last showed a semaphore key.
+    pub fn seen_permits(&self, key: &str) -> Option<crate::lock::Semaphore> {
+        let seen = self.permit_holders.lock().unwrap_or_else(|p| p.into_inner());
+        seen.get(key).cloned()
+    }
+
     /// The Job a suspend-gated request was made for: its controlling owner,
     /// which its holderRef names, with the owner reference's UID.
-    fn gating_job(&self, lock: &DistributedLock) -> Option<Arc<Job>> {
+    pub fn gating_job(&self, lock: &DistributedLock) -> Option<Arc<Job>> {
         let holder = lock.spec.holder_ref.as_ref().filter(|h| h.kind == HolderKind::Job)?;
         let owner = lock
             .owner_references()
@@ -460,6 +485,30 @@ pub async fn update_gauges_every(ctx: Arc<Context>, period: Duration) {
         let count = |phase: Phase| all.iter().filter(|l| queue::phase(l) == phase).count() as i64;
         ctx.metrics.holders.set(count(Phase::Granted));
         ctx.metrics.waiters.set(count(Phase::Pending));
+        let limits: std::collections::HashMap<String, u32> = ctx
+            .semaphores
+            .state()
+            .iter()
+            .map(|s| (semaphores::key_of(s), semaphores::limit_in_force(s)))
+            .collect();
+        let (mut held, mut waiting) = (0i64, 0i64);
+        for lock in all.iter() {
+            let Some(limit) = limits.get(&queue::lock_key(lock)) else {
+                continue;
+            };
+            let permits = i64::from(if lock.spec.is_exclusive() {
+                *limit
+            } else {
+                lock.spec.permits()
+            });
+            match queue::phase(lock) {
+                Phase::Granted => held += permits,
+                Phase::Pending => waiting += permits,
+                _ => {}
+            }
+        }
+        ctx.metrics.permits_held.set(held);
+        ctx.metrics.permits_waiting.set(waiting);
         tokio::time::sleep(period).await;
     }
 }

@@ -9,12 +9,13 @@ use kube::api::Api;
 use kube::runtime::controller::Action;
 use serde_json::json;
 
+use super::admission::{self, Capacity, Turn, Want};
 use super::error::{Error, Result};
 use super::holder::{self, HolderState};
 use super::status::{self, reason};
 use super::{Context, display_holder, renew_period};
 use crate::crd::{DistributedLock, LockScope, Phase};
-use crate::lock::AcquireRequest;
+use crate::lock::{AcquireRequest, LockError, PermitOutcome, PermitRequest};
 use crate::queue;
 
 /// Where a Pending request stands in this cluster's queue for its key.
@@ -23,7 +24,35 @@ pub struct QueueView {
     /// 1-based place among the waiters.
     pub position: usize,
     /// The request of this cluster that holds the key, if any (not this one).
+    /// Mutex keys only.
     pub held_by: Option<String>,
+    /// The permits of the key, when a Semaphore governs it.
+    pub permits: Option<PermitView>,
+}
+
+/// A semaphore key's permits as a waiter sees them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PermitView {
+    pub capacity: Capacity,
+    pub turn: Turn,
+    /// What this request asks for.
+    pub wants: Want,
+}
+
+impl PermitView {
+    /// "3/3 permits held by a, b, c" (at most five names).
+    pub fn summary(&self) -> String {
+        let c = &self.capacity;
+        let mut text = format!("{}/{} permits held", c.held, c.limit);
+        if !c.holders.is_empty() {
+            let shown: Vec<&str> = c.holders.iter().take(5).map(String::as_str).collect();
+            text.push_str(&format!(" by {}", shown.join(", ")));
+            if c.holders.len() > shown.len() {
+                text.push_str(&format!(" and {} more", c.holders.len() - shown.len()));
+            }
+        }
+        text
+    }
 }
 
 /// What a Pending request needs next.
@@ -41,11 +70,13 @@ pub enum PendingStep {
         message: String,
         recheck: Duration,
     },
-    /// Head of the queue and free here: acquire with this lease and metadata.
+    /// Head of the queue and free here: acquire with this lease and metadata
+    /// (with `permits`: that many of a semaphore's permits, or every one).
     Acquire {
         ttl: Duration,
         deadline: Option<Duration>,
         metadata: serde_json::Value,
+        permits: Option<Want>,
     },
 }
 
@@ -137,6 +168,43 @@ pub fn decide(
             recheck,
         };
     }
+    if let Some(view) = &queue.permits {
+        let key = queue::lock_key(lock);
+        let (reason, message) = match view.turn {
+            Turn::Go { .. } => {
+                return PendingStep::Acquire {
+                    ttl,
+                    deadline: until_deadline,
+                    metadata,
+                    permits: Some(view.wants.clone()),
+                };
+            }
+            Turn::ExceedsLimit if view.capacity.limit == 0 => (
+                reason::EXCEEDS_LIMIT,
+                format!("waiting for {key}: it is closed (limit 0)"),
+            ),
+            Turn::ExceedsLimit => (
+                reason::EXCEEDS_LIMIT,
+                format!(
+                    "waiting for {key}: asks for {} permits, more than its limit of {}",
+                    view.wants.permits, view.capacity.limit
+                ),
+            ),
+            Turn::Full | Turn::Behind => (
+                reason::WAITING,
+                format!(
+                    "waiting for {key}: {}; {} in line",
+                    view.summary(),
+                    admission::ordinal(queue.position)
+                ),
+            ),
+        };
+        return PendingStep::Wait {
+            reason,
+            message,
+            recheck,
+        };
+    }
     if let Some(holder) = &queue.held_by {
         return PendingStep::Wait {
             reason: reason::WAITING,
@@ -159,6 +227,7 @@ pub fn decide(
         ttl,
         deadline: until_deadline,
         metadata,
+        permits: None,
     }
 }
 
@@ -189,11 +258,14 @@ pub async fn reconcile(lock: Arc<DistributedLock>, ctx: &Context, key: &str) -> 
         waiters.push(lock.clone());
         waiters.sort_by_cached_key(|l| queue::queue_order(l, &*ctx.index));
     }
+    let position = queue::position(&waiters, &lock);
+    let semaphore = ctx.semaphore_for(key);
     let view = QueueView {
-        position: queue::position(&waiters, &lock),
+        position,
         held_by: queue::holder(&members, key, &|l| ctx.index.just_released(l))
-            .filter(|h| h.uid() != lock.uid())
+            .filter(|h| h.uid() != lock.uid() && semaphore.is_none())
             .map(|h| h.name_any()),
+        permits: semaphore.map(|s| permit_view(ctx, &s, key, &lock, &members, &waiters)),
     };
     let step = decide(&lock, scope_allowed(ctx, &lock), holder, &view, Utc::now());
     tracing::debug!(?step, "pending");
@@ -225,36 +297,143 @@ pub async fn reconcile(lock: Arc<DistributedLock>, ctx: &Context, key: &str) -> 
             if ctx.index.take_untold_grant(&lock) {
                 give_back_untold_grant(&lock, ctx, key).await?;
             }
-            let next = status::pending(
-                &lock,
-                &ctx.arrival(&lock),
-                view.position,
-                reason,
-                &message,
-                &ctx.index_health(),
-            );
-            status::write(&ctx.client, &lock, next).await?;
+            let recheck = match reason {
+                // a Semaphore being deleted: the key turns into a mutex soon
+                reason::EXCEEDS_LIMIT
+                    if ctx
+                        .semaphore_for(key)
+                        .is_some_and(|s| s.metadata.deletion_timestamp.is_some()) =>
+                {
+                    recheck.min(Duration::from_secs(1))
+                }
+                _ => recheck,
+            };
+            wait(&lock, ctx, view.position, reason, &message).await?;
             Ok(Action::requeue(recheck))
         }
         PendingStep::Acquire {
             ttl,
             deadline,
             metadata,
-        } => acquire(lock, ctx, key, ttl, deadline, metadata).await,
+            permits,
+        } => {
+            let skipped = matches!(view.permits, Some(PermitView { turn: Turn::Go { skipped }, .. }) if skipped > 0);
+            let ask = Ask {
+                ttl,
+                deadline,
+                metadata,
+                permits,
+                skipped,
+            };
+            acquire(lock, ctx, key, ask).await
+        }
+    }
+}
+
+/// What an acquire asks the lock index for.
+struct Ask {
+    ttl: Duration,
+    deadline: Option<Duration>,
+    metadata: serde_json::Value,
+    /// A semaphore's permits, or (None) the whole key.
+    permits: Option<Want>,
+    /// The grant passes waiters ahead that do not fit (BestEffortFIFO).
+    skipped: bool,
+}
+
+/// Writes a waiting status; a gated Job is told (an Event) when its place changes.
+async fn wait(lock: &DistributedLock, ctx: &Context, position: usize, reason: &str, message: &str) -> Result<()> {
+    let next = status::pending(lock, &ctx.arrival(lock), position, reason, message, &ctx.index_health());
+    let moved = lock.status.as_ref().and_then(|s| s.waiting_position) != next.waiting_position;
+    status::write(&ctx.client, lock, next).await?;
+    if moved && let Some(job) = ctx.gating_job(lock) {
+        let job_ref = kube::Resource::object_ref(job.as_ref(), &());
+        super::events::normal(&ctx.recorder, &job_ref, "Waiting", message.to_string()).await;
+    }
+    Ok(())
+}
+
+/// The permits of a semaphore key as `waiters[me]` sees them: this cluster's
+/// holders (from the cache) and the holders outside it (as the lock index
+/// showed them last), and its turn under the Semaphore's queueing.
+fn permit_view(
+    ctx: &Context,
+    semaphore: &crate::crd::Semaphore,
+    key: &str,
+    lock: &DistributedLock,
+    members: &[Arc<DistributedLock>],
+    waiters: &[Arc<DistributedLock>],
+) -> PermitView {
+    let me = waiters
+        .iter()
+        .position(|w| w.uid() == lock.uid())
+        .unwrap_or(waiters.len());
+    let limit = super::semaphores::limit_in_force(semaphore);
+    let now = Utc::now();
+    let want = |l: &DistributedLock| Want {
+        permits: l.spec.permits(),
+        exclusive: l.spec.is_exclusive(),
+        waited: ctx
+            .arrival(l)
+            .at
+            .and_then(|at| (now - at).to_std().ok())
+            .unwrap_or_default(),
+    };
+    let mut capacity = Capacity {
+        limit,
+        ..Default::default()
+    };
+    let mut ours = std::collections::HashSet::new();
+    for m in members {
+        ours.insert(m.uid().unwrap_or_default());
+        let holds =
+            queue::phase(m) == Phase::Granted && m.metadata.deletion_timestamp.is_none() && !ctx.index.just_released(m);
+        if holds {
+            let w = want(m);
+            capacity.exclusive_held |= w.exclusive;
+            capacity.held += if w.exclusive { limit } else { w.permits };
+            capacity.holders.push(display_holder(m));
+        }
+    }
+    if let Some(seen) = ctx.seen_permits(key) {
+        for h in seen
+            .holders
+            .iter()
+            .filter(|h| !ours.contains(&h.token) && h.expires_at > now)
+        {
+            capacity.exclusive_held |= h.exclusive;
+            capacity.held += if h.exclusive { limit } else { h.permits };
+            capacity.holders.push(
+                h.holder
+                    .clone()
+                    .unwrap_or_else(|| "a client outside this cluster".into()),
+            );
+        }
+    }
+    let wants: Vec<Want> = waiters.iter().map(|w| want(w)).collect();
+    let turn = if me < wants.len() {
+        admission::turn(semaphore.spec.queueing, &capacity, &wants, me)
+    } else {
+        Turn::Behind
+    };
+    PermitView {
+        wants: want(lock),
+        capacity,
+        turn,
     }
 }
 
 /// Head of the queue and nobody here holds the lock: acquire. The token is the
 /// request's UID, so a controller that crashed between acquiring and writing
 /// the status gets the same grant back instead of a stuck lock.
-async fn acquire(
-    lock: Arc<DistributedLock>,
-    ctx: &Context,
-    key: &str,
-    ttl: Duration,
-    deadline: Option<Duration>,
-    metadata: serde_json::Value,
-) -> Result<Action> {
+async fn acquire(lock: Arc<DistributedLock>, ctx: &Context, key: &str, ask: Ask) -> Result<Action> {
+    let Ask {
+        ttl,
+        deadline,
+        metadata,
+        permits,
+        skipped,
+    } = ask;
     let Some(token) = lock.uid() else {
         return Err(Error::Invalid("a DistributedLock without a uid".into()));
     };
@@ -266,9 +445,31 @@ async fn acquire(
         holder: Some(display_holder(&lock)),
         fencing_token: None,
     };
-    let acquired = ctx.engine("acquire", &lock, ctx.locks.try_acquire(&request)).await?;
-    let Some(grant) = acquired else {
-        return held_elsewhere(&lock, ctx, key, deadline).await;
+    let kind = if permits.is_some() { "semaphore" } else { "mutex" };
+    let grant = match permits {
+        None => match ctx.engine("acquire", &lock, ctx.locks.try_acquire(&request)).await {
+            Ok(Some(grant)) => grant,
+            Ok(None) => return held_elsewhere(&lock, ctx, key, deadline).await,
+            Err(Error::Lock(e @ LockError::KindMismatch { .. })) => return kind_mismatch(&lock, ctx, &e).await,
+            Err(e) => return Err(e),
+        },
+        Some(want) => {
+            let request = PermitRequest {
+                base: request,
+                permits: want.permits,
+                exclusive: want.exclusive,
+            };
+            match ctx
+                .engine("acquire_permits", &lock, ctx.locks.acquire_permits(&request))
+                .await
+            {
+                Ok(PermitOutcome::Granted(grant)) => grant,
+                Ok(PermitOutcome::Full(state)) => return permits_in_use(&lock, ctx, key, state, deadline).await,
+                Err(Error::Lock(LockError::NoSemaphore { .. })) => return no_semaphore_yet(&lock, ctx, key).await,
+                Err(Error::Lock(e @ LockError::KindMismatch { .. })) => return kind_mismatch(&lock, ctx, &e).await,
+                Err(e) => return Err(e),
+            }
+        }
     };
     let next = status::granted(&lock, &ctx.arrival(&lock), &grant, display_holder(&lock), Utc::now());
     // If this write fails the grant stays: a refused write (409) means this
@@ -279,7 +480,10 @@ async fn acquire(
     // a waiter that is no longer the head gives it back once the API server
     // confirms nobody was told (give_back_untold_grant).
     status::write(&ctx.client, &lock, next).await?;
-    ctx.metrics.grants.inc();
+    ctx.metrics.granted(kind);
+    if skipped {
+        ctx.metrics.head_of_line_skips.inc();
+    }
     if let Some(created) = queue::creation_time(&lock) {
         ctx.metrics
             .wait_seconds
@@ -316,6 +520,107 @@ async fn give_back_untold_grant(lock: &DistributedLock, ctx: &Context, key: &str
         super::wake_queue(ctx, key, Some(lock));
     }
     Ok(())
+}
+
+/// The semaphore's permits are in use (as the lock index says, with holders
+/// outside this cluster): say who holds them and look again when the first
+/// outside lease could run out (releases here wake this request sooner).
+async fn permits_in_use(
+    lock: &DistributedLock,
+    ctx: &Context,
+    key: &str,
+    state: crate::lock::Semaphore,
+    deadline: Option<Duration>,
+) -> Result<Action> {
+    ctx.saw_permits(&state);
+    let members = ctx.index.members(&ctx.store, key);
+    // a waiter of this cluster among the holders: a grant it was never told
+    // of; it gives it back itself (see give_back_untold_grant)
+    for owner in members.iter().filter(|m| {
+        m.uid() != lock.uid()
+            && queue::phase(m) != Phase::Granted
+            && state
+                .holders
+                .iter()
+                .any(|h| Some(h.token.as_str()) == m.uid().as_deref())
+    }) {
+        if let Some(token) = owner.uid() {
+            ctx.index.suspect_untold_grant(&token);
+        }
+        let _ = ctx
+            .wake
+            .send(kube::runtime::reflector::ObjectRef::from_obj(owner.as_ref()));
+    }
+    let names: Vec<String> = state
+        .holders
+        .iter()
+        .map(|h| {
+            members
+                .iter()
+                .find(|m| m.uid().as_deref() == Some(h.token.as_str()))
+                .map(|m| display_holder(m))
+                .or_else(|| h.holder.clone())
+                .unwrap_or_else(|| "a client outside this cluster".into())
+        })
+        .collect();
+    let view = PermitView {
+        capacity: Capacity {
+            limit: state.limit,
+            held: state.held(),
+            exclusive_held: state.holders.iter().any(|h| h.exclusive),
+            holders: names,
+        },
+        turn: Turn::Full,
+        wants: Want {
+            permits: lock.spec.permits(),
+            exclusive: lock.spec.is_exclusive(),
+            waited: Duration::ZERO,
+        },
+    };
+    let waiters = queue::waiters(&members, key, &*ctx.index);
+    let position = queue::position(&waiters, lock);
+    let message = format!(
+        "waiting for {key}: {}; {} in line",
+        view.summary(),
+        admission::ordinal(position)
+    );
+    wait(lock, ctx, position, reason::WAITING, &message).await?;
+    let first_expiry = state.holders.iter().map(|h| h.expires_at).min();
+    let retry = first_expiry.map_or(ctx.max_retry_interval, |at| {
+        (at - Utc::now()).to_std().unwrap_or_default() + Duration::from_millis(20)
+    });
+    let retry = retry.clamp(Duration::from_millis(20), ctx.max_retry_interval);
+    Ok(Action::requeue(deadline.map_or(retry, |d| d.min(retry))))
+}
+
+/// The key's Semaphore exists but its limit is not in the lock index yet
+/// (its own reconcile is on the way): put it there, then try again.
+async fn no_semaphore_yet(lock: &DistributedLock, ctx: &Context, key: &str) -> Result<Action> {
+    if let Some(semaphore) = ctx.semaphore_for(key)
+        && semaphore.metadata.deletion_timestamp.is_none()
+    {
+        let state = ctx
+            .engine(
+                "semaphore_set",
+                lock,
+                ctx.locks.semaphore_set(key, semaphore.spec.limit),
+            )
+            .await?;
+        ctx.saw_permits(&state);
+        return Ok(Action::requeue(Duration::from_millis(1)));
+    }
+    Ok(Action::requeue(Duration::from_secs(1)))
+}
+
+/// The key is used as the other kind in the lock index (a plain mutex held
+/// by a client while a Semaphore governs it here, or the reverse): wait, and
+/// say so.
+async fn kind_mismatch(lock: &DistributedLock, ctx: &Context, error: &LockError) -> Result<Action> {
+    let message = crate::lock::error_line(error);
+    let members = ctx.index.members(&ctx.store, &queue::lock_key(lock));
+    let position = queue::position(&queue::waiters(&members, &queue::lock_key(lock), &*ctx.index), lock);
+    wait(lock, ctx, position, reason::KIND_MISMATCH, &message).await?;
+    Ok(Action::requeue(Duration::from_secs(2).min(ctx.max_retry_interval)))
 }
 
 /// Held outside this cluster (CLI, another cluster): look again no later than
@@ -387,6 +692,7 @@ mod tests {
         QueueView {
             position: 1,
             held_by: None,
+            permits: None,
         }
     }
 
@@ -410,6 +716,7 @@ mod tests {
         let behind = QueueView {
             position: 3,
             held_by: None,
+            permits: None,
         };
         assert!(
             matches!(decide(&lock, Ok(()), HolderState::Unbound, &behind, at(1)), PendingStep::Wait { reason: "Waiting", message, .. } if message.contains("2 ahead"))
@@ -417,6 +724,7 @@ mod tests {
         let held = QueueView {
             position: 1,
             held_by: Some("other".into()),
+            permits: None,
         };
         assert!(
             matches!(decide(&lock, Ok(()), HolderState::Unbound, &held, at(1)), PendingStep::Wait { message, .. } if message.contains("held by other"))

@@ -30,6 +30,10 @@ pub mod reason {
     pub const TIMEOUT: &str = "Timeout";
     pub const INVALID_SPEC: &str = "InvalidSpec";
     pub const SCOPE_NOT_ALLOWED: &str = "ScopeNotAllowed";
+    /// Asks for more permits than the key's Semaphore has (or it is closed).
+    pub const EXCEEDS_LIMIT: &str = "ExceedsLimit";
+    /// The key is used as the other kind in the index (a semaphore vs a plain mutex).
+    pub const KIND_MISMATCH: &str = "KindMismatch";
     /// Reasons of the IndexReachable condition.
     pub const REACHABLE: &str = "Reachable";
     pub const INDEX_UNREACHABLE: &str = "IndexUnreachable";

@@ -172,32 +172,33 @@ pub async fn namespace(client: &kube::Client, name: &str) -> String {
 /// Installs the CRD from `crds/` (idempotent) and waits until it is served.
 pub async fn install_crd(client: &kube::Client) {
     use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-    use kube::CustomResourceExt;
-    use kube_lock_manager::crd::DistributedLock;
+    use kube::ResourceExt;
     let api: kube::Api<CustomResourceDefinition> = kube::Api::all(client.clone());
-    let crd = DistributedLock::crd();
-    api.patch(
-        "distributedlocks.lockmanager.dev",
-        &kube::api::PatchParams::apply("kube-lock-manager-tests").force(),
-        &kube::api::Patch::Apply(&crd),
-    )
-    .await
-    .expect("apply CRD");
-    // Established (not a typed list: one request in the cluster that a typed
-    // client cannot decode must not make every test wait)
-    eventually(
-        "the DistributedLock CRD to be served",
-        Duration::from_secs(30),
-        || async {
-            let crd = api.get("distributedlocks.lockmanager.dev").await.ok()?;
-            crd.status?
-                .conditions?
-                .iter()
-                .any(|c| c.type_ == "Established" && c.status == "True")
-                .then_some(())
-        },
-    )
-    .await;
+    for (_, crd) in kube_lock_manager::crd::crds() {
+        let name = crd.name_any();
+        api.patch(
+            &name,
+            &kube::api::PatchParams::apply("kube-lock-manager-tests").force(),
+            &kube::api::Patch::Apply(&crd),
+        )
+        .await
+        .expect("apply CRD");
+        // Established (not a typed list: one request in the cluster that a typed
+        // client cannot decode must not make every test wait)
+        eventually(
+            &format!("the CRD {name} to be served"),
+            Duration::from_secs(30),
+            || async {
+                let crd = api.get(&name).await.ok()?;
+                crd.status?
+                    .conditions?
+                    .iter()
+                    .any(|c| c.type_ == "Established" && c.status == "True")
+                    .then_some(())
+            },
+        )
+        .await;
+    }
 }
 
 /// A DistributedLock request labelled for operator run `run`.
