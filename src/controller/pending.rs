@@ -395,6 +395,16 @@ fn permit_view(
             capacity.holders.push(display_holder(m));
         }
     }
+    let wants: Vec<Want> = waiters.iter().map(|w| want(w)).collect();
+    let turn = if me < wants.len() {
+        admission::turn(semaphore.spec.queueing, &capacity, &wants, me)
+    } else {
+        Turn::Behind
+    };
+    // whose turn it is follows from this cluster's holders; holders outside
+    // it are known only from the last answer of the lock index, which may be
+    // stale, so they are shown but left to the index to count (an acquire
+    // that does not fit refreshes them)
     if let Some(seen) = ctx.seen_permits(key) {
         for h in seen
             .holders
@@ -410,12 +420,6 @@ fn permit_view(
             );
         }
     }
-    let wants: Vec<Want> = waiters.iter().map(|w| want(w)).collect();
-    let turn = if me < wants.len() {
-        admission::turn(semaphore.spec.queueing, &capacity, &wants, me)
-    } else {
-        Turn::Behind
-    };
     PermitView {
         wants: want(lock),
         capacity,
