@@ -60,8 +60,11 @@ impl History {
     }
 }
 
-/// The checker: returns every violation found in the history.
-fn check(holds: &[Hold]) -> Vec<String> {
+/// The checker: returns every violation found in the history. Keys in
+/// `limits` are semaphores (each hold takes one permit): at most that many
+/// holders at once, every fencing token unique, and a hold that starts after
+/// another ended has a larger one. Every other key is a mutex.
+fn check(holds: &[Hold], limits: &HashMap<String, usize>) -> Vec<String> {
     let mut violations = Vec::new();
     let mut by_key: HashMap<&str, Vec<&Hold>> = HashMap::new();
     for h in holds {
@@ -76,6 +79,31 @@ fn check(holds: &[Hold]) -> Vec<String> {
             (Some(p), None) if h.told_lost => h.end.min(p + TTL_MS),
             _ => h.end,
         };
+        if let Some(limit) = limits.get(key) {
+            let mut edges: Vec<(f64, i32)> = list.iter().flat_map(|h| [(h.start, 1), (end(h), -1)]).collect();
+            // at equal times the end comes first
+            edges.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+            let mut now = 0;
+            for (at, step) in edges {
+                now += step;
+                if now > *limit as i32 {
+                    violations.push(format!("{key}: {now} holders of {limit} permits at {at}"));
+                }
+            }
+            let mut tokens: Vec<i64> = list.iter().map(|h| h.fencing).collect();
+            tokens.sort();
+            if tokens.windows(2).any(|w| w[0] == w[1]) {
+                violations.push(format!("{key}: a fencing token was handed out twice: {tokens:?}"));
+            }
+            for (i, a) in list.iter().enumerate() {
+                for b in &list[i + 1..] {
+                    if b.start >= end(a) && b.fencing <= a.fencing {
+                        violations.push(format!("{key}: fencing token did not grow: {a:?} then {b:?}"));
+                    }
+                }
+            }
+            continue;
+        }
         for (i, a) in list.iter().enumerate() {
             for b in &list[i + 1..] {
                 if b.start < end(a) && a.start < end(b) {
@@ -104,6 +132,8 @@ fn checker_finds_overlaps_and_stale_fencing_tokens() {
         valid_until: None,
         told_lost: false,
     };
+    let mutex = HashMap::new();
+    let check = |holds: &[Hold]| check(holds, &mutex);
     assert!(check(&[hold("a", 1, 0.0, 10.0), hold("b", 2, 10.0, 20.0)]).is_empty());
     assert_eq!(check(&[hold("a", 1, 0.0, 10.0), hold("b", 2, 5.0, 20.0)]).len(), 1);
     assert_eq!(check(&[hold("a", 2, 0.0, 10.0), hold("b", 1, 10.0, 20.0)]).len(), 1);
@@ -114,6 +144,29 @@ fn checker_finds_overlaps_and_stale_fencing_tokens() {
     assert!(check(&[paused.clone(), hold("b", 2, 5000.0, 6000.0)]).is_empty());
     paused.told_lost = false;
     assert_eq!(check(&[paused, hold("b", 2, 5000.0, 6000.0)]).len(), 1);
+}
+
+#[test]
+fn checker_counts_the_holders_of_a_semaphore() {
+    let hold = |fencing, start, end| Hold {
+        key: "s".into(),
+        client: "c".into(),
+        fencing,
+        start,
+        end,
+        paused_at: None,
+        valid_until: None,
+        told_lost: false,
+    };
+    let limits = HashMap::from([("s".to_string(), 2)]);
+    let two = [hold(1, 0.0, 10.0), hold(2, 5.0, 15.0), hold(3, 10.0, 20.0)];
+    assert!(check(&two, &limits).is_empty());
+    let three = [hold(1, 0.0, 10.0), hold(2, 5.0, 15.0), hold(3, 9.0, 20.0)];
+    assert_eq!(check(&three, &limits).len(), 1);
+    let repeated = [hold(1, 0.0, 10.0), hold(1, 5.0, 15.0)];
+    assert_eq!(check(&repeated, &limits).len(), 1);
+    let backwards = [hold(2, 0.0, 10.0), hold(1, 10.0, 15.0)];
+    assert_eq!(check(&backwards, &limits).len(), 1);
 }
 
 /// Operator replicas, restarted when they exit (as a Deployment would).
@@ -180,10 +233,12 @@ fn testenv(args: &[&str]) {
     );
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn crd_client(
     id: usize,
     run: String,
     keys: Vec<String>,
+    semaphore_key: Option<String>,
     api: Api<DistributedLock>,
     history: Arc<History>,
     stop: Arc<AtomicBool>,
@@ -194,7 +249,11 @@ async fn crd_client(
         let name = format!("c{id}-{i}");
         // CRD clients use all keys but the last: there the exec clients,
         // which retry with backoff, do not starve behind queued requests.
-        let key = keys[(id + i) % (keys.len() - 1)].clone();
+        // the last client uses only the semaphore key
+        let key = match &semaphore_key {
+            Some(key) => key.clone(),
+            None => keys[(id + i) % (keys.len() - 1)].clone(),
+        };
         let request = common::lock_request(&run, &name, json!({"lockId": key, "scope": "Cluster", "ttl": "3s"}));
         while api.create(&PostParams::default(), &request).await.is_err() {
             if stop.load(Ordering::Relaxed) {
@@ -260,6 +319,7 @@ async fn crd_client(
 fn exec_client(
     id: usize,
     keys: Vec<String>,
+    semaphore_key: Option<String>,
     history: Arc<History>,
     stop: Arc<AtomicBool>,
     out_dir: std::path::PathBuf,
@@ -268,14 +328,23 @@ fn exec_client(
     let mut i = 0;
     while !stop.load(Ordering::Relaxed) {
         i += 1;
-        let key = keys[(id + i) % keys.len()].clone();
+        let key = semaphore_key
+            .clone()
+            .unwrap_or_else(|| keys[(id + i) % keys.len()].clone());
+        let permits: &[&str] = if semaphore_key.is_some() {
+            &["--permits", "1"]
+        } else {
+            &[]
+        };
         let out_file = out_dir.join(format!("x{id}-{i}.out"));
         let script = format!(
             "echo start $(date +%s%N) $LOCK_FENCING_TOKEN >> {f}; sleep 0.3; echo end $(date +%s%N) >> {f}",
             f = out_file.display()
         );
         let child = common::lockctl()
-            .args(["exec", &key, "--ttl", "3s", "--wait", "60s", "--lease-file"])
+            .args(["exec", &key, "--ttl", "3s", "--wait", "60s"])
+            .args(permits)
+            .arg("--lease-file")
             .arg(out_dir.join(format!("x{id}-{i}.lease")))
             .args(["--", "sh", "-c", &script])
             .process_group(0)
@@ -369,6 +438,9 @@ async fn no_two_holders_and_nothing_stuck_under_faults() {
     let ns = common::namespace(&client, "chaos").await;
     let run = common::unique("chaos");
     let keys: Vec<String> = (0..3).map(|i| format!("{run}-key{i}")).collect();
+    // one more key, with 2 permits, shared by a CRD client and an exec client
+    let semaphore_key = format!("{run}-sem");
+    let limits = HashMap::from([(semaphore_key.clone(), 2)]);
     let out_dir = tempfile::tempdir().unwrap();
     let lease_name = common::unique("chaos-leader");
     let replicas = Arc::new(Replicas {
@@ -398,26 +470,48 @@ async fn no_two_holders_and_nothing_stuck_under_faults() {
             }
         })
     };
+    let semaphores: Api<kube_lock_manager::crd::Semaphore> = Api::namespaced(client.clone(), &ns);
+    let semaphore = serde_json::from_value(json!({
+        "apiVersion": "lockmanager.dev/v1alpha1", "kind": "Semaphore",
+        "metadata": {"name": "chaos-sem", "labels": {common::RUN_LABEL: run}},
+        "spec": {"lockId": semaphore_key, "scope": "Cluster", "limit": 2},
+    }))
+    .unwrap();
+    semaphores.create(&PostParams::default(), &semaphore).await.unwrap();
+    let locks = common::lock_client(&url, "kube-locks");
+    common::eventually("the chaos Semaphore in force", Duration::from_secs(30), || async {
+        locks
+            .semaphore_get(&semaphore_key)
+            .await
+            .ok()
+            .flatten()
+            .filter(|s| s.limit == 2)
+    })
+    .await;
     let mut clients = Vec::new();
-    for id in 0..4 {
+    for id in 0..5 {
         clients.push(tokio::spawn(crd_client(
             id,
             run.clone(),
             keys.clone(),
+            (id == 4).then(|| semaphore_key.clone()),
             api.clone(),
             history.clone(),
             stop.clone(),
         )));
     }
     let mut exec_threads = Vec::new();
-    for id in 0..2 {
+    for id in 0..3 {
         let (keys, history, stop, dir) = (
             keys.clone(),
             history.clone(),
             stop.clone(),
             out_dir.path().to_path_buf(),
         );
-        exec_threads.push(std::thread::spawn(move || exec_client(id, keys, history, stop, dir)));
+        let semaphore_key = (id == 2).then(|| semaphore_key.clone());
+        exec_threads.push(std::thread::spawn(move || {
+            exec_client(id, keys, semaphore_key, history, stop, dir)
+        }));
     }
 
     let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
@@ -487,13 +581,17 @@ async fn no_two_holders_and_nothing_stuck_under_faults() {
     }
 
     // Nothing may stay held TTL + 5 s after everyone stopped.
-    let locks = common::lock_client(&url, "kube-locks");
     tokio::time::sleep(Duration::from_millis(TTL_MS as u64 + 5000)).await;
     let mut stuck = Vec::new();
     for key in &keys {
         if let Some(lock) = locks.get(key).await.unwrap() {
             stuck.push(format!("{key} still held: {lock:?}"));
         }
+    }
+    if let Some(state) = locks.semaphore_get(&semaphore_key).await.unwrap()
+        && !state.holders.is_empty()
+    {
+        stuck.push(format!("{semaphore_key} still has holders: {state:?}"));
     }
     let leftovers: Vec<_> = api
         .list(&Default::default())
@@ -510,12 +608,13 @@ async fn no_two_holders_and_nothing_stuck_under_faults() {
 
     let holds = history.holds.lock().unwrap().clone();
     let faults = history.faults.lock().unwrap().clone();
-    let violations = check(&holds);
+    let violations = check(&holds, &limits);
+    let on_semaphore = holds.iter().filter(|h| h.key == semaphore_key).count();
     let crd = holds.iter().filter(|h| h.client.starts_with('c')).count();
     let exec = holds.len() - crd;
     let told = holds.iter().filter(|h| h.told_lost).count();
     eprintln!(
-        "chaos: {} s, {} grants checked ({crd} CRD, {exec} exec, {told} told they lost the lock), {} faults injected, {} violations",
+        "chaos: {} s, {} grants checked ({crd} CRD, {exec} exec, {on_semaphore} of a 2-permit semaphore, {told} told they lost the lock), {} faults injected, {} violations",
         started.elapsed().as_secs(),
         holds.len(),
         faults.len(),
@@ -528,8 +627,8 @@ async fn no_two_holders_and_nothing_stuck_under_faults() {
         "requests still Granted after all clients stopped: {leftovers:?}"
     );
     assert!(
-        crd >= 5 && exec >= 3,
-        "too few grants to mean anything: {crd} CRD, {exec} exec"
+        crd >= 5 && exec >= 3 && on_semaphore >= 3,
+        "too few grants to mean anything: {crd} CRD, {exec} exec, {on_semaphore} on the semaphore"
     );
     assert!(
         history.unreachable_seen.load(Ordering::Relaxed),
