@@ -650,3 +650,29 @@ fn bad_permit_input_is_one_clear_line_and_exit_2() {
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(stderr(&out).contains("lockctl get"), "{}", stderr(&out));
 }
+
+#[test]
+fn exec_with_permits_renews_a_short_lease_while_the_command_runs() {
+    let Some(url) = common::es_url() else { return };
+    let id = common::unique("cli-sem-renew");
+    assert_eq!(
+        run(&url, &["semaphore", "set", &id, "--limit", "1"]).status.code(),
+        Some(0)
+    );
+    // the command outlives its 1 s lease twice over, and checks on the way
+    // that nobody else got the only permit
+    let probe = format!(
+        "sleep 1.5; {lockctl} acquire {id} --permits 1 && exit 9; sleep 1",
+        lockctl = env!("CARGO_BIN_EXE_lockctl")
+    );
+    let out = lockctl(&url)
+        .args(["exec", &id, "--permits", "1", "--ttl", "1s", "--", "sh", "-c", &probe])
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(err.contains("permits held by"), "the probe was refused: {err}");
+    assert!(!err.contains("lost"), "{err}");
+    let sem: Value = serde_json::from_str(&stdout(&run(&url, &["semaphore", "get", &id, "-o", "json"]))).unwrap();
+    assert_eq!(sem["held"], 0, "released after the command: {sem}");
+}
