@@ -419,3 +419,260 @@ async fn acquire_exits_2_when_the_acquire_request_keeps_failing() {
         assert_eq!(proxy.failed(), failures);
     }
 }
+
+#[test]
+fn semaphore_set_get_delete_and_permits_with_their_exit_codes() {
+    let Some(url) = common::es_url() else { return };
+    let id = common::unique("cli-sem");
+    let out = run(&url, &["semaphore", "get", &id]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("has no semaphore"), "{}", stderr(&out));
+    let out = run(&url, &["acquire", &id, "--permits", "1"]);
+    assert_eq!(out.status.code(), Some(2), "no semaphore yet: {}", stderr(&out));
+    assert!(stderr(&out).contains("lockctl semaphore set"), "{}", stderr(&out));
+
+    let out = run(&url, &["semaphore", "set", &id, "--limit", "2"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stdout(&out).contains("limit: 2"), "{}", stdout(&out));
+
+    let out = run(&url, &["acquire", &id, "--permits", "1", "--holder", "a", "-o", "json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let a: Value = serde_json::from_str(&stdout(&out)).expect("JSON output");
+    for field in ["lockId", "token", "fencingToken", "createdAt", "expiresAt", "metadata"] {
+        assert!(a.get(field).is_some(), "{field} missing in {a}");
+    }
+    assert_eq!((&a["permits"], &a["exclusive"]), (&Value::from(1), &Value::from(false)));
+    let a_token = a["token"].as_str().unwrap().to_string();
+    let out = run(&url, &["acquire", &id, "--permits", "1", "--holder", "b"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let b_token = stdout(&out);
+
+    // full: exit 1 and who holds it, in one line
+    for extra in [&["--permits", "1"][..], &["--exclusive"][..]] {
+        let out = run(&url, &[&["acquire", id.as_str()][..], extra].concat());
+        assert_eq!(out.status.code(), Some(1), "{extra:?}: {}", stderr(&out));
+        let err = stderr(&out);
+        assert!(err.contains(&format!("lock {id}: 2/2 permits held by a, b")), "{err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+    }
+
+    let out = run(&url, &["semaphore", "get", &id, "-o", "json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let sem: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!((&sem["limit"], &sem["held"]), (&Value::from(2), &Value::from(2)));
+    assert_eq!(sem["holders"][0]["token"], a_token.as_str(), "oldest first");
+    assert_eq!(sem["holders"][0]["fencingToken"], a["fencingToken"]);
+    let out = run(&url, &["semaphore", "get", &id]);
+    let text = stdout(&out);
+    assert!(
+        text.contains("held: 2") && text.contains(&format!("fencingToken={}", a["fencingToken"])),
+        "{text}"
+    );
+
+    // the mutex commands on a semaphore key
+    for (args, expected) in [
+        (vec!["get", &id], "lockctl semaphore get"),
+        (vec!["acquire", &id], "acquire permits with --permits"),
+    ] {
+        let out = run(&url, &args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+        let err = stderr(&out);
+        assert!(
+            err.contains(expected) && err.contains("is a semaphore (limit 2)"),
+            "{err}"
+        );
+        assert_eq!(err.lines().count(), 1, "{err}");
+    }
+    assert_eq!(run(&url, &["extend", &id, "--token", &a_token]).status.code(), Some(0));
+    assert_eq!(run(&url, &["extend", &id, "--token", "nobody"]).status.code(), Some(1));
+    assert_eq!(run(&url, &["release", &id, "--token", &a_token]).status.code(), Some(0));
+    assert_eq!(run(&url, &["release", &id, "--token", &a_token]).status.code(), Some(1));
+
+    let out = run(&url, &["semaphore", "delete", &id]);
+    assert_eq!(out.status.code(), Some(1), "b still holds a permit");
+    let err = stderr(&out);
+    assert!(err.contains("not deleted") && err.contains("held by b"), "{err}");
+    assert_eq!(run(&url, &["release", &id, "--token", &b_token]).status.code(), Some(0));
+    let out = run(&url, &["semaphore", "delete", &id]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let out = run(&url, &["semaphore", "delete", &id]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("has no semaphore"), "{}", stderr(&out));
+    // a plain mutex again
+    let out = run(&url, &["acquire", &id]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+}
+
+#[test]
+fn exec_with_permits_runs_the_command_and_gives_them_back() {
+    let Some(url) = common::es_url() else { return };
+    let id = common::unique("cli-sem-exec");
+    assert_eq!(
+        run(&url, &["semaphore", "set", &id, "--limit", "3"]).status.code(),
+        Some(0)
+    );
+    let out = lockctl(&url)
+        .args([
+            "exec",
+            &id,
+            "--permits",
+            "2",
+            "--",
+            "sh",
+            "-c",
+            "echo \"$LOCK_PERMITS $LOCK_FENCING_TOKEN\"; exit 7",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(7), "{}", stderr(&out));
+    let seen = stdout(&out);
+    let (permits, fencing) = seen.split_once(' ').expect("two words");
+    assert_eq!(permits, "2");
+    assert!(fencing.parse::<u64>().is_ok(), "{seen}");
+    let sem: Value = serde_json::from_str(&stdout(&run(&url, &["semaphore", "get", &id, "-o", "json"]))).unwrap();
+    assert_eq!(sem["held"], 0, "released after the command: {sem}");
+
+    // permits that do not fit now: 75, and the command never runs
+    let holder = stdout(&run(&url, &["acquire", &id, "--permits", "2"]));
+    let marker = tempfile::NamedTempFile::new().unwrap();
+    let out = lockctl(&url)
+        .args([
+            "exec",
+            &id,
+            "--exclusive",
+            "--",
+            "sh",
+            "-c",
+            &format!("echo ran > {}", marker.path().display()),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(75), "{}", stderr(&out));
+    assert!(stderr(&out).contains("2/3 permits held by"), "{}", stderr(&out));
+    assert_eq!(std::fs::read_to_string(marker.path()).unwrap(), "");
+    assert_eq!(run(&url, &["release", &id, "--token", &holder]).status.code(), Some(0));
+}
+
+#[test]
+fn execs_sharing_a_semaphore_of_two_run_at_most_two_at_a_time() {
+    let Some(url) = common::es_url() else { return };
+    let id = common::unique("cli-sem-overlap");
+    assert_eq!(
+        run(&url, &["semaphore", "set", &id, "--limit", "2"]).status.code(),
+        Some(0)
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let children: Vec<_> = (0..4)
+        .map(|n| {
+            let log = dir.path().join(n.to_string());
+            let script = format!(
+                "date +%s%N > {log}.start; sleep 0.4; date +%s%N > {log}.end",
+                log = log.display()
+            );
+            lockctl(&url)
+                .args([
+                    "exec",
+                    &id,
+                    "--permits",
+                    "1",
+                    "--ttl",
+                    "2s",
+                    "--wait",
+                    "30s",
+                    "--",
+                    "sh",
+                    "-c",
+                    &script,
+                ])
+                .stdout(Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for mut child in children {
+        assert!(child.wait().unwrap().success());
+    }
+    let read = |file: String| -> u128 {
+        std::fs::read_to_string(dir.path().join(file))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let runs: Vec<(u128, u128)> = (0..4)
+        .map(|n| (read(format!("{n}.start")), read(format!("{n}.end"))))
+        .collect();
+    for (start, _) in &runs {
+        let running = runs.iter().filter(|(s, e)| s <= start && start < e).count();
+        assert!(running <= 2, "{running} commands ran at once: {runs:?}");
+    }
+}
+
+#[test]
+fn bad_permit_input_is_one_clear_line_and_exit_2() {
+    let Some(url) = common::es_url() else { return };
+    let id = common::unique("cli-sem-bad");
+    let mutex = common::unique("cli-sem-mutex");
+    let out = run(&url, &["acquire", &mutex]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let cases: [(&[&str], &str); 7] = [
+        (
+            &["semaphore", "set", &id, "--limit", "10001"],
+            "10001 is not in 0..=10000",
+        ),
+        (&["semaphore", "set", &id, "--limit", "-1"], "-1 is not in 0..=10000"),
+        (&["acquire", &id, "--permits", "0"], "0 is not in 1..=10000"),
+        (&["acquire", &id, "--permits", "20000"], "20000 is not in 1..=10000"),
+        (
+            &["acquire", &id, "--permits", "1", "--exclusive"],
+            "cannot be used with",
+        ),
+        (&["acquire", &mutex, "--permits", "1"], "held as a plain mutex until"),
+        (
+            &["semaphore", "set", &mutex, "--limit", "3"],
+            "held as a plain mutex until",
+        ),
+    ];
+    for (args, expected) in cases {
+        let out = run(&url, args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+        let err = stderr(&out);
+        assert!(err.contains(expected), "{args:?}: {err:?} should mention {expected:?}");
+        assert_eq!(err.lines().count(), 1, "{args:?}: one line, got {err:?}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    assert_eq!(
+        run(&url, &["semaphore", "get", &id]).status.code(),
+        Some(1),
+        "nothing was made"
+    );
+    let out = run(&url, &["semaphore", "get", &mutex]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("lockctl get"), "{}", stderr(&out));
+}
+
+#[test]
+fn exec_with_permits_renews_a_short_lease_while_the_command_runs() {
+    let Some(url) = common::es_url() else { return };
+    let id = common::unique("cli-sem-renew");
+    assert_eq!(
+        run(&url, &["semaphore", "set", &id, "--limit", "1"]).status.code(),
+        Some(0)
+    );
+    // the command outlives its 1 s lease twice over, and checks on the way
+    // that nobody else got the only permit
+    let probe = format!(
+        "sleep 1.5; {lockctl} acquire {id} --permits 1 && exit 9; sleep 1",
+        lockctl = env!("CARGO_BIN_EXE_lockctl")
+    );
+    let out = lockctl(&url)
+        .args(["exec", &id, "--permits", "1", "--ttl", "1s", "--", "sh", "-c", &probe])
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(err.contains("permits held by"), "the probe was refused: {err}");
+    assert!(!err.contains("lost"), "{err}");
+    let sem: Value = serde_json::from_str(&stdout(&run(&url, &["semaphore", "get", &id, "-o", "json"]))).unwrap();
+    assert_eq!(sem["held"], 0, "released after the command: {sem}");
+}

@@ -1,4 +1,6 @@
 //! `lockctl acquire | release | extend | get | exec | index`: the lock engine without Kubernetes.
+//! `acquire` and `exec` take a mutex, or with `--permits N` / `--exclusive`
+//! permits of the key's semaphore; everything after the grant is shared.
 
 use std::process::ExitStatus;
 use std::time::Duration;
@@ -7,9 +9,10 @@ use clap::{Args, Subcommand, ValueEnum};
 use serde_json::Value;
 
 use super::CliError;
+use super::semaphores::why_full;
 use crate::duration::parse_duration;
 use crate::engine::EngineArgs;
-use crate::lock::{AcquireRequest, ExtendOutcome, Grant, Lease, LockClient};
+use crate::lock::{AcquireRequest, ExtendOutcome, Grant, Lease, LockClient, MAX_PERMITS, PermitRequest};
 
 /// Exit code of `lockctl exec` when the lock could not be acquired (EX_TEMPFAIL).
 pub const EXIT_NOT_ACQUIRED: i32 = 75;
@@ -21,6 +24,18 @@ pub enum Output {
     Token,
     /// The lock as JSON.
     Json,
+}
+
+/// Permits of the key's semaphore instead of the plain mutex.
+#[derive(Args, Debug, Clone, Copy)]
+pub struct PermitArgs {
+    /// Take N permits of the key's semaphore (`lockctl semaphore set KEY --limit L` makes one).
+    #[arg(long, value_name = "N", allow_negative_numbers = true, value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_PERMITS)))]
+    pub permits: Option<u32>,
+    /// Take every permit of the key's semaphore: granted once nobody holds
+    /// any, and nobody else is granted while it is held.
+    #[arg(long, conflicts_with = "permits")]
+    pub exclusive: bool,
 }
 
 #[derive(Args, Debug)]
@@ -36,9 +51,11 @@ pub struct AcquireArgs {
     /// Who holds it (display text).
     #[arg(long)]
     pub holder: Option<String>,
-    /// Keep retrying for this long while someone else holds the lock.
+    /// Keep retrying for this long while someone else holds the lock (or the permits do not fit).
     #[arg(long, value_parser = parse_duration)]
     pub wait: Option<Duration>,
+    #[command(flatten)]
+    pub permits: PermitArgs,
     #[arg(short = 'o', long = "output", value_enum, default_value_t)]
     pub output: Output,
     #[command(flatten)]
@@ -79,18 +96,21 @@ pub struct ExecArgs {
     pub lock_id: String,
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub ttl: Duration,
-    /// Keep retrying for this long while someone else holds the lock.
+    /// Keep retrying for this long while someone else holds the lock (or the permits do not fit).
     #[arg(long, value_parser = parse_duration)]
     pub wait: Option<Duration>,
     #[arg(long, value_parser = parse_metadata)]
     pub metadata: Option<Value>,
     #[arg(long)]
     pub holder: Option<String>,
+    #[command(flatten)]
+    pub permits: PermitArgs,
     /// Keep this file holding the time (RFC 3339) until which the lock is
     /// safe to rely on; rewritten after every renewal (the command can read it).
     #[arg(long)]
     pub lease_file: Option<std::path::PathBuf>,
-    /// The command to run while holding the lock. It sees LOCK_TOKEN and LOCK_FENCING_TOKEN.
+    /// The command to run while holding the lock. It sees LOCK_ID, LOCK_TOKEN,
+    /// LOCK_FENCING_TOKEN (and with permits LOCK_PERMITS).
     #[arg(required = true, last = true)]
     pub command: Vec<String>,
     #[command(flatten)]
@@ -128,27 +148,77 @@ fn request(lock_id: &str, ttl: Duration, metadata: Option<Value>, holder: Option
     }
 }
 
-async fn acquire_once_or_wait(
-    client: &LockClient,
-    req: &AcquireRequest,
-    wait: Option<Duration>,
-) -> Result<Option<Grant>, CliError> {
-    Ok(client.acquire_timed(req, wait.unwrap_or_default()).await?)
+/// What `acquire` and `exec` ask for: the mutex or permits of a semaphore.
+enum Want {
+    Mutex(AcquireRequest),
+    Permits(PermitRequest),
+}
+
+impl Want {
+    fn new(base: AcquireRequest, permits: PermitArgs) -> Self {
+        match permits {
+            PermitArgs {
+                permits: None,
+                exclusive: false,
+            } => Want::Mutex(base),
+            PermitArgs { permits, exclusive } => Want::Permits(PermitRequest {
+                base,
+                permits: permits.unwrap_or(1),
+                exclusive,
+            }),
+        }
+    }
+}
+
+/// A grant of either kind; `permits` is `Some((n, exclusive))` for a semaphore's.
+struct Held {
+    grant: Grant,
+    permits: Option<(u32, bool)>,
+}
+
+/// Acquires what `want` asks for, retrying until `wait` has passed. Without
+/// a grant: one line saying why (who holds it).
+async fn take(client: &LockClient, want: &Want, wait: Option<Duration>) -> Result<Result<Held, String>, CliError> {
+    let wait = wait.unwrap_or_default();
+    Ok(match want {
+        Want::Mutex(req) => match client.acquire_timed(req, wait).await? {
+            Some(grant) => Ok(Held { grant, permits: None }),
+            None => Err(format!("lock {:?} is held by someone else", req.lock_id)),
+        },
+        Want::Permits(req) => match client.acquire_permits_timed(req, wait).await? {
+            Ok(taken) => Ok(Held {
+                grant: taken.grant,
+                permits: Some((taken.permits, taken.exclusive)),
+            }),
+            Err(semaphore) => Err(why_full(&semaphore, req)),
+        },
+    })
 }
 
 pub async fn acquire(args: AcquireArgs) -> Result<i32, CliError> {
     let client = LockClient::from_args(&args.engine)?;
-    let req = request(&args.lock_id, args.ttl, args.metadata, args.holder);
-    match acquire_once_or_wait(&client, &req, args.wait).await? {
-        Some(Grant { lock, .. }) => {
+    let want = Want::new(
+        request(&args.lock_id, args.ttl, args.metadata, args.holder),
+        args.permits,
+    );
+    match take(&client, &want, args.wait).await? {
+        Ok(Held { grant, permits }) => {
+            let lock = grant.lock;
             match args.output {
                 Output::Token => println!("{}", lock.token),
-                Output::Json => println!("{}", serde_json::to_string_pretty(&lock)?),
+                Output::Json => {
+                    let mut json = serde_json::to_value(&lock)?;
+                    if let Some((permits, exclusive)) = permits {
+                        json["permits"] = permits.into();
+                        json["exclusive"] = exclusive.into();
+                    }
+                    println!("{}", serde_json::to_string_pretty(&json)?);
+                }
             }
             Ok(0)
         }
-        None => {
-            eprintln!("lockctl: lock {:?} is held by someone else", args.lock_id);
+        Err(why) => {
+            eprintln!("lockctl: {why}");
             Ok(1)
         }
     }
@@ -202,15 +272,20 @@ pub async fn exec(args: ExecArgs) -> Result<i32, CliError> {
     use tokio::signal::unix::{SignalKind, signal};
 
     let client = LockClient::from_args(&args.engine)?;
-    let req = request(&args.lock_id, args.ttl, args.metadata, args.holder);
+    let want = Want::new(
+        request(&args.lock_id, args.ttl, args.metadata, args.holder),
+        args.permits,
+    );
     // the winning attempt's send time bounds the lease
-    let Some(Grant { lock, sent_at }) = acquire_once_or_wait(&client, &req, args.wait).await? else {
-        eprintln!(
-            "lockctl: could not acquire lock {:?}: it is held by someone else",
-            args.lock_id
-        );
-        return Ok(EXIT_NOT_ACQUIRED);
+    let held = match take(&client, &want, args.wait).await? {
+        Ok(held) => held,
+        Err(why) => {
+            eprintln!("lockctl: could not acquire: {why}");
+            return Ok(EXIT_NOT_ACQUIRED);
+        }
     };
+    let Grant { lock, sent_at } = held.grant;
+    // renewing and releasing work alike for a mutex and a semaphore holder
     let lease = Lease::start(client.clone(), lock.clone(), args.ttl, sent_at);
     if let Some(path) = args.lease_file.clone() {
         let mut valid = lease.valid_until();
@@ -231,13 +306,16 @@ pub async fn exec(args: ExecArgs) -> Result<i32, CliError> {
             }
         });
     }
-    let mut child = match tokio::process::Command::new(&args.command[0])
+    let mut command = tokio::process::Command::new(&args.command[0]);
+    command
         .args(&args.command[1..])
         .env("LOCK_ID", &lock.lock_id)
         .env("LOCK_TOKEN", &lock.token)
-        .env("LOCK_FENCING_TOKEN", lock.fencing_token.to_string())
-        .spawn()
-    {
+        .env("LOCK_FENCING_TOKEN", lock.fencing_token.to_string());
+    if let Some((permits, _)) = held.permits {
+        command.env("LOCK_PERMITS", permits.to_string());
+    }
+    let mut child = match command.spawn() {
         Ok(child) => child,
         Err(e) => {
             client.release(&lock.lock_id, &lock.token).await.ok();
@@ -307,14 +385,15 @@ pub enum IndexCommand {
 
 #[derive(Args, Debug)]
 pub struct IndexStatusArgs {
-    #[arg(short = 'o', long = "output", value_enum, default_value_t = IndexOutput::Text)]
-    pub output: IndexOutput,
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = TextOrJson::Text)]
+    pub output: TextOrJson,
     #[command(flatten)]
     pub engine: EngineArgs,
 }
 
+/// Output of the `index` and `semaphore` commands: lines to read, or JSON.
 #[derive(Clone, Copy, Debug, ValueEnum)]
-pub enum IndexOutput {
+pub enum TextOrJson {
     Text,
     Json,
 }
@@ -342,8 +421,8 @@ async fn index_status(args: IndexStatusArgs) -> Result<i32, CliError> {
     let client = LockClient::from_args(&args.engine)?;
     let status = client.assets().status().await?;
     match args.output {
-        IndexOutput::Json => println!("{}", serde_json::to_string_pretty(&status)?),
-        IndexOutput::Text => {
+        TextOrJson::Json => println!("{}", serde_json::to_string_pretty(&status)?),
+        TextOrJson::Text => {
             let or_none = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
             println!("alias: {}", status.alias);
             match &status.index {

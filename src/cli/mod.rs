@@ -2,6 +2,7 @@
 //! helper and direct use of the lock index.
 
 pub mod locks;
+pub mod semaphores;
 
 use clap::{Parser, Subcommand};
 
@@ -43,7 +44,8 @@ pub enum Command {
     },
     /// Wait until a DistributedLock is Granted (init-container helper).
     Wait(crate::wait::WaitArgs),
-    /// Acquire a lock in the index; prints the token. Exit 0 acquired, 1 held by someone else, 2 error.
+    /// Acquire a lock (or with --permits N / --exclusive, permits of its semaphore); prints the
+    /// token. Exit 0 acquired, 1 held by someone else (the permits do not fit now), 2 error.
     Acquire(locks::AcquireArgs),
     /// Release a lock held with TOKEN. Exit 0 released, 1 not held by that token, 2 error.
     Release(locks::ReleaseArgs),
@@ -51,10 +53,13 @@ pub enum Command {
     Extend(locks::ExtendArgs),
     /// Print the live lock as JSON. Exit 1 if there is none or it expired.
     Get(locks::GetArgs),
-    /// Run a command while holding the lock; exit with its code (75 if the lock could not be had).
+    /// Run a command while holding the lock (or permits of its semaphore); exit with its code (75
+    /// if the lock could not be had).
     Exec(locks::ExecArgs),
     /// Inspect or recover the lock index (fencing-token safety).
     Index(locks::IndexArgs),
+    /// Make a key a semaphore of N permits, show or delete it.
+    Semaphore(semaphores::SemaphoreArgs),
 }
 
 /// Errors that end a `lockctl` command with exit code 2 and one line on stderr.
@@ -147,6 +152,7 @@ impl Cli {
             Command::Get(args) => locks::get(args).await,
             Command::Exec(args) => locks::exec(args).await,
             Command::Index(args) => locks::index(args).await,
+            Command::Semaphore(args) => semaphores::semaphore(args).await,
         };
         match result {
             Ok(code) => code,

@@ -18,6 +18,7 @@ use super::model::{
     AcquireRequest, Grant, Lock, LockDocument, RawLock, implied_fencing, normalize_metadata, to_lock, validate_ttl,
 };
 use super::scripts;
+use super::semaphore::{semaphore_key, semaphore_limit};
 use super::transport::{Answer, expect_success, send_with_retry};
 use crate::engine::EngineArgs;
 
@@ -154,6 +155,9 @@ impl LockClient {
                 continue;
             }
             expect_success("acquire", &answer)?;
+            if let Some(limit) = semaphore_limit(&answer.body["get"]["_source"]) {
+                return Err(semaphore_key(&req.lock_id, limit, "acquire permits with --permits"));
+            }
             let doc = answer_document("acquire", &answer)?;
             let (seq_no, primary_term) = answer_version("acquire", &answer)?;
             match answer.body["result"].as_str() {
@@ -195,20 +199,15 @@ impl LockClient {
     /// holds the lock, until `wait` has passed (zero: one attempt). The grant
     /// carries the send time of the attempt that won it.
     pub async fn acquire_timed(&self, req: &AcquireRequest, wait: Duration) -> Result<Option<Grant>, LockError> {
-        let deadline = Instant::now() + wait;
-        let mut delay = Duration::from_millis(50);
-        loop {
+        let outcome = retry_until_granted(wait, || async {
             let sent_at = SystemTime::now();
-            if let Some(lock) = self.try_acquire(req).await? {
-                return Ok(Some(Grant { lock, sent_at }));
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return Ok(None);
-            }
-            tokio::time::sleep(delay.min(deadline - now)).await;
-            delay = (delay * 2).min(Duration::from_secs(2));
-        }
+            Ok(match self.try_acquire(req).await? {
+                Some(lock) => Ok(Grant { lock, sent_at }),
+                None => Err(()),
+            })
+        })
+        .await?;
+        Ok(outcome.ok())
     }
 
     /// Acquires, retrying with capped exponential backoff until `wait` has passed.
@@ -216,8 +215,9 @@ impl LockClient {
         Ok(self.acquire_timed(req, wait).await?.map(|grant| grant.lock))
     }
 
-    /// Token-fenced delete. `false` when the lock is missing, held by another
-    /// token, or its index is gone.
+    /// Token-fenced delete (on a semaphore: removes that token's holder).
+    /// `false` when the lock is missing, held by another token, or its index
+    /// is gone.
     #[tracing::instrument(skip(self, token))]
     pub async fn release(&self, lock_id: &str, token: &str) -> Result<bool, LockError> {
         validate_lock_id(lock_id)?;
@@ -237,7 +237,7 @@ impl LockClient {
             return Ok(false);
         }
         expect_success("release", &answer)?;
-        Ok(answer.body["result"] == "deleted")
+        Ok(matches!(answer.body["result"].as_str(), Some("deleted" | "updated")))
     }
 
     /// The live lock, or `None` when there is none or it has expired.
@@ -250,12 +250,40 @@ impl LockClient {
     }
 
     /// The stored document, expired or not, with its sequence number.
+    /// `KindMismatch` when the key is a semaphore.
     pub async fn get_raw(&self, lock_id: &str) -> Result<Option<RawLock>, LockError> {
+        let Some(stored) = self.read_source("get", lock_id).await? else {
+            return Ok(None);
+        };
+        if let Some(limit) = semaphore_limit(&stored.source) {
+            let hint = format!("read it with `lockctl semaphore get {lock_id}`");
+            return Err(semaphore_key(lock_id, limit, &hint));
+        }
+        let document: LockDocument = serde_json::from_value(stored.source).map_err(|e| LockError::Response {
+            operation: "get",
+            message: format!("lock document {lock_id:?}: {e}"),
+        })?;
+        Ok(Some(RawLock {
+            document,
+            seq_no: stored.seq_no,
+            primary_term: stored.primary_term,
+            fencing_floor: stored.fencing_floor,
+        }))
+    }
+
+    /// The stored `_source` of `lock_id` (either kind), with its version.
+    pub(super) async fn read_source(
+        &self,
+        operation: &'static str,
+        lock_id: &str,
+    ) -> Result<Option<StoredSource>, LockError> {
         validate_lock_id(lock_id)?;
         let state = self.index_state().await?;
         let index = self.index();
         let answer = self
-            .send("get", || self.inner.es.get(GetParts::IndexId(index, lock_id)).send())
+            .send(operation, || {
+                self.inner.es.get(GetParts::IndexId(index, lock_id)).send()
+            })
             .await?;
         if answer.index_missing() {
             return self.forget_if_unproven(Err(index_gone(&state))).await;
@@ -263,15 +291,10 @@ impl LockClient {
         if answer.status == StatusCode::NOT_FOUND {
             return Ok(None);
         }
-        expect_success("get", &answer)?;
-        let document: LockDocument =
-            serde_json::from_value(answer.body["_source"].clone()).map_err(|e| LockError::Response {
-                operation: "get",
-                message: format!("lock document {lock_id:?}: {e}"),
-            })?;
-        let (seq_no, primary_term) = answer_version("get", &answer)?;
-        Ok(Some(RawLock {
-            document,
+        expect_success(operation, &answer)?;
+        let (seq_no, primary_term) = answer_version(operation, &answer)?;
+        Ok(Some(StoredSource {
+            source: answer.body["_source"].clone(),
             seq_no,
             primary_term,
             fencing_floor: state.fencing_floor,
@@ -342,7 +365,40 @@ fn answer_document(operation: &'static str, answer: &Answer) -> Result<LockDocum
     })
 }
 
-fn answer_version(operation: &'static str, answer: &Answer) -> Result<(u64, u64), LockError> {
+/// A stored lock document of either kind, as read.
+pub(super) struct StoredSource {
+    pub source: Value,
+    pub seq_no: u64,
+    pub primary_term: u64,
+    /// The index's fencing floor (see [`IndexState`]).
+    pub fencing_floor: u64,
+}
+
+/// Retries `attempt` with capped exponential backoff until it wins
+/// (`Ok(Ok(_))`) or `wait` has passed (zero: one attempt); then the last
+/// loss (`Ok(Err(_))`). Errors end it at once.
+pub(super) async fn retry_until_granted<W, L, F, Fut>(wait: Duration, mut attempt: F) -> Result<Result<W, L>, LockError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<Result<W, L>, LockError>>,
+{
+    let deadline = Instant::now() + wait;
+    let mut delay = Duration::from_millis(50);
+    loop {
+        let lost = match attempt().await? {
+            Ok(won) => return Ok(Ok(won)),
+            Err(lost) => lost,
+        };
+        let now = Instant::now();
+        if now >= deadline {
+            return Ok(Err(lost));
+        }
+        tokio::time::sleep(delay.min(deadline - now)).await;
+        delay = (delay * 2).min(Duration::from_secs(2));
+    }
+}
+
+pub(super) fn answer_version(operation: &'static str, answer: &Answer) -> Result<(u64, u64), LockError> {
     match (answer.body["_seq_no"].as_u64(), answer.body["_primary_term"].as_u64()) {
         (Some(seq_no), Some(term)) => Ok((seq_no, term)),
         _ => Err(LockError::Response {

@@ -26,7 +26,7 @@ pub use model::{
     AcquireRequest, DEFAULT_TTL, ExtendOutcome, Grant, Lock, LockDocument, RawLock, new_token, normalize_metadata,
 };
 pub use recovery::IndexStatus;
-pub use semaphore::{MAX_PERMITS, PermitHolder, PermitOutcome, PermitRequest, RetireOutcome, Semaphore};
+pub use semaphore::{MAX_PERMITS, PermitGrant, PermitHolder, PermitOutcome, PermitRequest, RetireOutcome, Semaphore};
 pub use transport::TRANSIENT_RETRIES;
 pub use with_lock::{LockHandle, WithLockOptions};
 

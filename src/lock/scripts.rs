@@ -10,18 +10,38 @@
 //! (`params.fencingToken`, worked out by the client from the `_seq_no` it
 //! read and written with `if_seq_no`), so no write ever moves it. Painless
 //! update scripts cannot read `_seq_no`, hence that compare-and-swap.
+//!
+//! Semaphores (`kind: "semaphore"`) keep `fence`, the last fencing token
+//! handed out for the key, and give each grant `fence + 1` (stored in its
+//! holder entry; `fence` moves up with it). A new semaphore document leaves
+//! `fence` out: like a mutex grant's token it is implied by the `_seq_no` of
+//! the document's last write (fencing floor + `_seq_no` + 1) and pinned by a
+//! client with `params.fence` and `if_seq_no`; no permit is granted while it
+//! is absent, so a crash between creating and pinning is harmless (the next
+//! acquirer pins it). Why tokens stay monotone across kinds: every grant is a
+//! write, and a write's `_seq_no` is at least the previous one's plus one,
+//! so `fence <= floor + _seq_no(last write of the document) + 1` holds when
+//! it is pinned and after every grant. The first permit (`fence + 1`) is
+//! above every earlier token of the key, whose grant writes all came before
+//! the pinned `_seq_no`; a mutex granted after the semaphore is deleted
+//! gets `floor + _seq_no + 1` with a `_seq_no` above the delete's, so above
+//! every permit's token. A mutex document is only turned into a semaphore
+//! once its lease ran out, and a semaphore only goes away when no permit is
+//! held; the mutex scripts never touch a semaphore's `fence` or holders.
 
 /// Takes the lock if the document is new, expired, or already carries the
 /// caller's token; otherwise a noop. A same-token re-acquire of a grant whose
 /// fencing token is not stored yet is a noop too unless it brings the token
 /// (`params.fencingToken`): the client then pins it with `if_seq_no`.
+/// A semaphore document is never taken (a noop the client reports).
 pub const ACQUIRE: &str = r#"
 long now = System.currentTimeMillis();
 def src = ctx._source;
+boolean semaphore = src.kind == 'semaphore';
 boolean mine = src.token != null && src.token == params.token;
 boolean free = ctx.op == 'create' || src.expiresAt == null
     || Instant.parse(src.expiresAt.toString()).toEpochMilli() <= now;
-if (mine && src.fencingToken == null && params.fencingToken == null) {
+if (semaphore || (mine && src.fencingToken == null && params.fencingToken == null)) {
   ctx.op = 'noop';
 } else if (mine || free) {
   if (!mine) {
@@ -40,9 +60,26 @@ if (mine && src.fencingToken == null && params.fencingToken == null) {
 }
 "#;
 
-/// Deletes the document only if it carries the caller's token.
+/// Deletes the document only if it carries the caller's token; on a
+/// semaphore, removes the caller's holder entry (expired or not).
 pub const RELEASE: &str = r#"
-if (ctx._source.token != null && ctx._source.token == params.token) {
+def src = ctx._source;
+if (src.kind == 'semaphore') {
+  List kept = new ArrayList();
+  boolean found = false;
+  for (def h : src.holders) {
+    if (h.token == params.token) {
+      found = true;
+    } else {
+      kept.add(h);
+    }
+  }
+  if (found) {
+    src.holders = kept;
+  } else {
+    ctx.op = 'noop';
+  }
+} else if (src.token != null && src.token == params.token) {
   ctx.op = 'delete';
 } else {
   ctx.op = 'noop';
@@ -52,19 +89,153 @@ if (ctx._source.token != null && ctx._source.token == params.token) {
 /// Moves `expiresAt` to now + ttl only if the document carries the caller's
 /// token AND its lease has not run out (an expired lease is over; unlike
 /// Kibana it is not revived). The client tells "expired" from "not held" by
-/// the token in the noop's `_source`.
+/// the token in the noop's `_source` (on a semaphore: in its holders).
 pub const EXTEND: &str = r#"
 long now = System.currentTimeMillis();
 def src = ctx._source;
-boolean mine = src.token != null && src.token == params.token;
-boolean live = src.expiresAt != null
-    && Instant.parse(src.expiresAt.toString()).toEpochMilli() > now;
-if (mine && live) {
-  src.expiresAt = Instant.ofEpochMilli(now).plusMillis(params.ttl).toString();
-  if (src.fencingToken == null && params.fencingToken != null) {
-    src.fencingToken = params.fencingToken;
+if (src.kind == 'semaphore') {
+  def mine = null;
+  for (def h : src.holders) {
+    if (h.token == params.token) {
+      mine = h;
+    }
+  }
+  if (mine != null && Instant.parse(mine.expiresAt.toString()).toEpochMilli() > now) {
+    mine.expiresAt = Instant.ofEpochMilli(now).plusMillis(params.ttl).toString();
+  } else {
+    ctx.op = 'noop';
   }
 } else {
+  boolean mine = src.token != null && src.token == params.token;
+  boolean live = src.expiresAt != null
+      && Instant.parse(src.expiresAt.toString()).toEpochMilli() > now;
+  if (mine && live) {
+    src.expiresAt = Instant.ofEpochMilli(now).plusMillis(params.ttl).toString();
+    if (src.fencingToken == null && params.fencingToken != null) {
+      src.fencingToken = params.fencingToken;
+    }
+  } else {
+    ctx.op = 'noop';
+  }
+}
+"#;
+
+/// Creates the semaphore (also over a mutex document whose lease ran out)
+/// or sets its limit; holders keep their permits. A live mutex is left alone
+/// (a noop the client reports). `params.fence`, sent only with `if_seq_no`,
+/// pins an absent `fence`. Nothing changed: a noop.
+pub const SEMAPHORE_SET: &str = r#"
+long now = System.currentTimeMillis();
+def src = ctx._source;
+boolean semaphore = src.kind == 'semaphore';
+boolean liveMutex = !semaphore && ctx.op != 'create' && src.expiresAt != null
+    && Instant.parse(src.expiresAt.toString()).toEpochMilli() > now;
+if (liveMutex) {
   ctx.op = 'noop';
+} else {
+  boolean changed = false;
+  if (!semaphore) {
+    src.clear();
+    src.kind = 'semaphore';
+    src.holders = new ArrayList();
+    changed = true;
+  }
+  long limit = ((Number) params.limit).longValue();
+  if (src.limit == null || ((Number) src.limit).longValue() != limit) {
+    src.limit = limit;
+    changed = true;
+  }
+  if (src.fence == null && params.fence != null) {
+    src.fence = ((Number) params.fence).longValue();
+    changed = true;
+  }
+  if (!changed) {
+    ctx.op = 'noop';
+  }
+}
+"#;
+
+/// Deletes a semaphore that has no live holder; otherwise (or on a mutex
+/// document) a noop.
+pub const SEMAPHORE_DELETE: &str = r#"
+long now = System.currentTimeMillis();
+def src = ctx._source;
+boolean held = false;
+if (src.kind == 'semaphore') {
+  for (def h : src.holders) {
+    if (Instant.parse(h.expiresAt.toString()).toEpochMilli() > now) {
+      held = true;
+    }
+  }
+}
+if (src.kind == 'semaphore' && !held) {
+  ctx.op = 'delete';
+} else {
+  ctx.op = 'noop';
+}
+"#;
+
+/// Takes permits: drops holders whose lease ran out; refreshes the caller's
+/// live holder entry (its fencing token kept); else grants `permits` (or,
+/// `exclusive`, every permit) if they fit, with fencing token `fence + 1`.
+/// A noop when they do not fit, when the document is not a semaphore, or
+/// while `fence` is unpinned and `params.fence` (sent with `if_seq_no`) does
+/// not pin it. A pin is written even when the permits do not fit. Every
+/// write drops expired holders, so the caller's token in the written
+/// document means a grant.
+pub const ACQUIRE_PERMITS: &str = r#"
+long now = System.currentTimeMillis();
+def src = ctx._source;
+if (src.kind != 'semaphore') {
+  ctx.op = 'noop';
+} else {
+  boolean changed = false;
+  if (src.fence == null && params.fence != null) {
+    src.fence = ((Number) params.fence).longValue();
+    changed = true;
+  }
+  Instant at = Instant.ofEpochMilli(now);
+  List live = new ArrayList();
+  def mine = null;
+  for (def h : src.holders) {
+    if (Instant.parse(h.expiresAt.toString()).toEpochMilli() > now) {
+      live.add(h);
+      if (h.token == params.token) {
+        mine = h;
+      }
+    }
+  }
+  if (mine != null) {
+    mine.expiresAt = at.plusMillis(params.ttl).toString();
+    mine.metadata = params.metadata;
+    mine.holder = params.holder;
+    changed = true;
+  } else if (src.fence != null) {
+    long limit = ((Number) src.limit).longValue();
+    long held = 0;
+    boolean exclusiveHeld = false;
+    for (def h : live) {
+      held += ((Number) h.permits).longValue();
+      if (h.exclusive == true) {
+        exclusiveHeld = true;
+      }
+    }
+    boolean exclusive = params.exclusive == true;
+    long permits = exclusive ? limit : ((Number) params.permits).longValue();
+    boolean fits = exclusive ? live.isEmpty() && limit >= 1 : !exclusiveHeld && held + permits <= limit;
+    if (fits) {
+      long fence = ((Number) src.fence).longValue() + 1;
+      src.fence = fence;
+      live.add(['token': params.token, 'permits': permits, 'exclusive': exclusive, 'fencingToken': fence,
+          'createdAt': at.toString(), 'expiresAt': at.plusMillis(params.ttl).toString(),
+          'holder': params.holder, 'metadata': params.metadata]);
+      changed = true;
+    }
+  }
+  if (changed) {
+    src.holders = live;
+  } else {
+    ctx.op = 'noop';
+  }
 }
 "#;
