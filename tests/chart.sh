@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Tests of the Helm chart charts/kube-lock-manager against the real API server
 # of testenv (`eval "$(testenv/testenv env)"` first):
-#   - the chart's CRD copy matches the generated crds/distributedlocks.yaml
+#   - the chart's CRD copies match the generated crds/distributedlocks.yaml and
+#     crds/semaphores.yaml
 #   - helm lint with the default values and with ci/full-values.yaml
 #   - helm template renders what each value set asks for
 #   - the values schema (and the template's own checks) reject bad values
 #   - the rendered manifests pass a server-side dry run
 #   - helm install into a fresh namespace creates every object, with the
-#     restricted security settings; helm uninstall removes them but keeps the CRD
+#     restricted security settings and the operator's permissions (and no
+#     more); helm uninstall removes them but keeps the CRDs
 # Without a node (plain testenv) the Deployment never gets Pods: the install is
 # checked through the objects here; tests/e2e-chart.sh runs the chart on the
 # real node of `testenv up --node` (probes, leader election, grants).
@@ -17,7 +19,9 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 chart=charts/kube-lock-manager
-crd_name=distributedlocks.lockmanager.dev
+crd_names=(distributedlocks.lockmanager.dev semaphores.lockmanager.dev)
+# crds/<plural>.yaml: the generated CRDs, and their copies in $chart/crds-source/
+crd_files=(distributedlocks.yaml semaphores.yaml)
 passed=0
 
 if [[ -z "${KUBECONFIG:-}" ]]; then
@@ -37,14 +41,14 @@ installed=0
 
 kc() { kubectl --request-timeout=30s "$@"; }
 
-# Puts the CRD back as the other tests expect it: present, owned by no release.
+# Puts a CRD back as the other tests expect it: present, owned by no release.
 # Only when our release owns it (a CRD of someone else's release stays as it is).
 disown_crd() {
-  local owner
-  owner="$(kc get crd "$crd_name" -o jsonpath='{.metadata.annotations.meta\.helm\.sh/release-name}' 2>/dev/null)" || return 0
+  local crd="$1" owner
+  owner="$(kc get crd "$crd" -o jsonpath='{.metadata.annotations.meta\.helm\.sh/release-name}' 2>/dev/null)" || return 0
   [[ "$owner" == "$release" ]] || return 0
-  kc annotate crd "$crd_name" meta.helm.sh/release-name- meta.helm.sh/release-namespace- helm.sh/resource-policy- >/dev/null
-  kc label crd "$crd_name" app.kubernetes.io/managed-by- app.kubernetes.io/instance- app.kubernetes.io/name- \
+  kc annotate crd "$crd" meta.helm.sh/release-name- meta.helm.sh/release-namespace- helm.sh/resource-policy- >/dev/null
+  kc label crd "$crd" app.kubernetes.io/managed-by- app.kubernetes.io/instance- app.kubernetes.io/name- \
     app.kubernetes.io/component- app.kubernetes.io/version- app.kubernetes.io/part-of- helm.sh/chart- >/dev/null
 }
 
@@ -69,7 +73,7 @@ cleanup() {
     "$helm" uninstall "$release" -n "$ns" --wait=false >/dev/null 2>&1
     kc delete clusterrole,clusterrolebinding -l "app.kubernetes.io/instance=$release" --ignore-not-found >/dev/null 2>&1
   fi
-  disown_crd >/dev/null 2>&1
+  for crd in "${crd_names[@]}"; do disown_crd "$crd" >/dev/null 2>&1; done
   if ((namespace_created)); then delete_namespace; fi
   rm -rf "$work"
 }
@@ -154,6 +158,36 @@ render() {
   "$helm" template "$release" "$chart" -n "$ns" "$@" >"$file"
 }
 
+# rendered_crd NAME VALUES_ARGS... -- JSONPATH: a field of the rendered CRD NAME
+# (templates/crds.yaml renders one document per CRD).
+rendered_crd() {
+  local name="$1" args=()
+  shift
+  while [[ "$1" != "--" ]]; do args+=("$1"); shift; done
+  shift
+  "$helm" template "$release" "$chart" -n "$ns" "${args[@]}" --show-only templates/crds.yaml |
+    awk -v name="$name" '
+      /^---/ { if (found) printf "%s", doc; doc = ""; found = 0; next }
+      { doc = doc $0 "\n" }
+      $0 == "  name: " name { found = 1 }
+      END { if (found) printf "%s", doc }' |
+    kc create --dry-run=client -f - -o "jsonpath=$1"
+}
+
+# can_i VERB RESOURCE: whether the operator's ServiceAccount may (yes or no).
+# The API server's RBAC cache may lag a new binding by a moment: asked until the
+# answer is EXPECTED (at most 10 s), then printed.
+can_i() {
+  local expected="$1" answer deadline=$((SECONDS + 10))
+  shift
+  while :; do
+    answer="$(kc auth can-i --as "system:serviceaccount:$ns:$fullname" "$@" 2>/dev/null)" || true
+    [[ "$answer" == "$expected" || $SECONDS -ge $deadline ]] && break
+    sleep 0.5
+  done
+  printf '%s\n' "$answer"
+}
+
 # first_document FILE: the first YAML document of FILE (the ClusterRole of an example).
 first_document() { awk 'NR > 1 && /^---/ {exit} {print}' "$1"; }
 
@@ -166,12 +200,14 @@ full=(-f "$chart/ci/full-values.yaml")
 fullname="$release-kube-lock-manager"
 
 # --- the chart's source files -------------------------------------------------
-# Helm cannot read files outside the chart, so the chart carries a copy of the CRD.
-if ! diff -u crds/distributedlocks.yaml "$chart/crds-source/distributedlocks.yaml" >"$work/out" 2>&1; then
-  sed 's/^/    /' "$work/out" >&2
-  fail "$chart/crds-source/distributedlocks.yaml differs from crds/distributedlocks.yaml; refresh it: cp crds/distributedlocks.yaml $chart/crds-source/"
-fi
-pass "the chart's CRD copy equals crds/distributedlocks.yaml"
+# Helm cannot read files outside the chart, so the chart carries copies of the CRDs.
+for file in "${crd_files[@]}"; do
+  if ! diff -u "crds/$file" "$chart/crds-source/$file" >"$work/out" 2>&1; then
+    sed 's/^/    /' "$work/out" >&2
+    fail "$chart/crds-source/$file differs from crds/$file; refresh it: cp crds/$file $chart/crds-source/"
+  fi
+  pass "the chart's CRD copy equals crds/$file"
+done
 check "helm lint (default values)" "$helm" lint --strict "$chart"
 check "helm lint (ci/full-values.yaml)" "$helm" lint --strict "$chart" "${full[@]}"
 
@@ -181,24 +217,29 @@ check "helm template (ci/full-values.yaml)" render "$work/full.yaml" "${full[@]}
 
 expect "default values render the operator's objects" \
   "$(printf '%s\n' "ClusterRole/$fullname" "ClusterRole/$fullname-lock-waiter" "ClusterRoleBinding/$fullname" \
-    "CustomResourceDefinition/$crd_name" "Deployment/$fullname" "PodDisruptionBudget/$fullname" \
+    "CustomResourceDefinition/${crd_names[0]}" "CustomResourceDefinition/${crd_names[1]}" \
+    "Deployment/$fullname" "PodDisruptionBudget/$fullname" \
     "Service/$fullname" "ServiceAccount/$fullname" | sort)" \
   kinds "$work/default.yaml"
 expect "ci/full-values.yaml adds the ServiceMonitor and drops the lock-waiter role" \
   "$(printf '%s\n' "ClusterRole/$fullname" "ClusterRoleBinding/$fullname" \
-    "CustomResourceDefinition/$crd_name" "Deployment/$fullname" "PodDisruptionBudget/$fullname" \
+    "CustomResourceDefinition/${crd_names[0]}" "CustomResourceDefinition/${crd_names[1]}" \
+    "Deployment/$fullname" "PodDisruptionBudget/$fullname" \
     "Service/$fullname" "ServiceAccount/lock-operator" "ServiceMonitor/$fullname" | sort)" \
   kinds "$work/full.yaml"
-# The template rebuilds the CRD from crds-source/ (to add labels and the keep
-# annotation); its spec must come out exactly as generated.
-crd_spec="$(kc create --dry-run=client -f crds/distributedlocks.yaml -o 'jsonpath={.spec}')" ||
-  fail "kubectl cannot read crds/distributedlocks.yaml"
-expect "the rendered CRD has the same spec as crds/distributedlocks.yaml" "$crd_spec" \
-  rendered -- templates/crds.yaml '{.spec}'
-expect "crds.keep=true (default) marks the CRD helm.sh/resource-policy: keep" "keep" \
-  rendered -- templates/crds.yaml '{.metadata.annotations.helm\.sh/resource-policy}'
-expect "crds.keep=false leaves the CRD to helm uninstall" "distributedlocks.lockmanager.dev:" \
-  rendered "${full[@]}" -- templates/crds.yaml '{.metadata.name}:{.metadata.annotations.helm\.sh/resource-policy}'
+# The template rebuilds the CRDs from crds-source/ (to add labels and the keep
+# annotation); their specs must come out exactly as generated.
+for i in "${!crd_files[@]}"; do
+  crd_spec="$(kc create --dry-run=client -f "crds/${crd_files[$i]}" -o 'jsonpath={.spec}')" ||
+    fail "kubectl cannot read crds/${crd_files[$i]}"
+  expect "the rendered CRD ${crd_names[$i]} has the same spec as crds/${crd_files[$i]}" "$crd_spec" \
+    rendered_crd "${crd_names[$i]}" -- '{.spec}'
+done
+expect "crds.keep=true (default) marks both CRDs helm.sh/resource-policy: keep, with the release's labels" \
+  "distributedlocks.lockmanager.dev:keep:$release semaphores.lockmanager.dev:keep:$release " \
+  rendered -- templates/crds.yaml '{.metadata.name}:{.metadata.annotations.helm\.sh/resource-policy}:{.metadata.labels.app\.kubernetes\.io/instance} '
+expect "crds.keep=false leaves both CRDs to helm uninstall" "distributedlocks.lockmanager.dev: semaphores.lockmanager.dev: " \
+  rendered "${full[@]}" -- templates/crds.yaml '{.metadata.name}:{.metadata.annotations.helm\.sh/resource-policy} '
 not_rendered "crds.install=false renders no CRD" templates/crds.yaml --set crds.install=false
 expect "full values: replicas, image, auth from the Secret, CA from the ConfigMap" \
   "3 registry.example.com/platform/lockctl:0.1.0-rc.1 search-credentials/user search-credentials/pass search-ca/ca.pem /etc/kube-lock-manager/ca/ca.pem" \
@@ -284,7 +325,7 @@ check "helm install $release (--wait=false: testenv runs no kubelet)" \
 for object in "deployment/$fullname" "serviceaccount/$fullname" "service/$fullname" "poddisruptionbudget/$fullname"; do
   check "$object exists" kc get -n "$ns" "$object"
 done
-for object in "clusterrole/$fullname" "clusterrolebinding/$fullname" "clusterrole/$fullname-lock-waiter" "crd/$crd_name"; do
+for object in "clusterrole/$fullname" "clusterrolebinding/$fullname" "clusterrole/$fullname-lock-waiter" "${crd_names[@]/#/crd/}"; do
   check "$object exists" kc get "$object"
 done
 operator_rules="$(first_document examples/rbac/operator.yaml | kc create --dry-run=client -f - -o 'jsonpath={.rules}')" ||
@@ -297,8 +338,19 @@ expect "the lock-waiter ClusterRole has the rules of examples/rbac/lock-waiter.y
   kc get "clusterrole/$fullname-lock-waiter" -o 'jsonpath={.rules}'
 expect "the ClusterRoleBinding binds the ServiceAccount" "ClusterRole/$fullname ServiceAccount/$ns/$fullname" \
   kc get "clusterrolebinding/$fullname" -o 'jsonpath={.roleRef.kind}/{.roleRef.name} {.subjects[0].kind}/{.subjects[0].namespace}/{.subjects[0].name}'
-expect "the CRD is marked to be kept" "keep" \
-  kc get "crd/$crd_name" -o 'jsonpath={.metadata.annotations.helm\.sh/resource-policy}'
+# What the operator does with Semaphores, through the chart's ClusterRole: it
+# watches them, patches their finalizer and status (server-side apply), and
+# nothing else (no update, no delete, no create).
+for verb_resource in "list semaphores" "watch semaphores" "patch semaphores" "patch semaphores --subresource=status"; do
+  # shellcheck disable=SC2086 # verb and resource (and subresource flag) as separate words
+  expect "the operator's ServiceAccount may $verb_resource" "yes" can_i yes $verb_resource -A
+done
+for verb_resource in "update semaphores" "delete semaphores" "create semaphores" "update semaphores --subresource=status"; do
+  # shellcheck disable=SC2086
+  expect "the operator's ServiceAccount may not $verb_resource" "no" can_i no $verb_resource -A
+done
+expect "both CRDs are marked to be kept" "distributedlocks.lockmanager.dev=keep semaphores.lockmanager.dev=keep " \
+  kc get "${crd_names[@]/#/crd/}" -o 'jsonpath={range .items[*]}{.metadata.name}={.metadata.annotations.helm\.sh/resource-policy} {end}'
 deploy="deployment/$fullname"
 expect "2 replicas with leader election" "2 operator --leader-elect" \
   field "$deploy" '{.spec.replicas} {.spec.template.spec.containers[0].args[0]} {.spec.template.spec.containers[0].args[?(@=="--leader-elect")]}'
@@ -322,6 +374,6 @@ expect "uninstall removed the namespaced objects" "" \
   kc get deploy,sa,svc,pdb -n "$ns" -l "app.kubernetes.io/instance=$release" -o name
 expect "uninstall removed the ClusterRoles and the ClusterRoleBinding" "" \
   kc get clusterrole,clusterrolebinding -l "app.kubernetes.io/instance=$release" -o name
-check "uninstall kept the CRD (crds.keep=true)" kc get "crd/$crd_name"
+check "uninstall kept both CRDs (crds.keep=true)" kc get "${crd_names[@]/#/crd/}"
 
 echo "chart tests: $passed passed, 0 failed"
