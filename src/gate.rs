@@ -13,6 +13,7 @@ use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
+use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 
@@ -175,6 +176,55 @@ fn owned_by(request: &DistributedLock, job: &Job) -> bool {
         .owner_references()
         .iter()
         .any(|o| o.controller == Some(true) && Some(&o.uid) == job.uid().as_ref())
+}
+
+/// How long a gated Job without its request yet holds up later requests of
+/// its key (its request is on its way; one that never comes — the gate
+/// refused it — must not block the key for ever).
+const REQUEST_ON_ITS_WAY: chrono::TimeDelta = chrono::TimeDelta::seconds(10);
+
+/// A suspended, annotated Job for `key` that arrived before `arrival` but
+/// whose request the gate has not created yet (or the cache not shown yet):
+/// the request that would otherwise be the head waits for it, so Jobs
+/// created within one moment still queue in creation order.
+pub fn job_queued_ahead(ctx: &Context, key: &str, arrival: &crate::queue::Arrival) -> Option<String> {
+    let now = chrono::Utc::now();
+    ctx.jobs.state().into_iter().find_map(|job| {
+        if next_step(&job, None) != GateStep::CreateRequest {
+            return None;
+        }
+        let created = job
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .and_then(|t| chrono::DateTime::from_timestamp_millis(t.0.as_millisecond()))?;
+        if now - created > REQUEST_ON_ITS_WAY {
+            return None;
+        }
+        let namespace = job.namespace().unwrap_or_default();
+        let has_request = request_names(&job).iter().any(|name| {
+            ctx.store
+                .get(&ObjectRef::new(name).within(&namespace))
+                .is_some_and(|r| owned_by(&r, &job))
+        });
+        if has_request {
+            return None;
+        }
+        let request = request_for(&job, &job.name_any()).ok()?;
+        if crate::queue::lock_key(&request) != key {
+            return None;
+        }
+        let sequence = ctx
+            .index
+            .job_first_seen(&job)
+            .or_else(|| job.resource_version().and_then(|rv| rv.parse().ok()))
+            .unwrap_or(u64::MAX);
+        let theirs = crate::queue::Arrival {
+            at: Some(created),
+            sequence,
+        };
+        (theirs < *arrival).then(|| format!("{namespace}/{}", job.name_any()))
+    })
 }
 
 /// This Job's request, under either of its names.

@@ -130,6 +130,39 @@ async fn suspend_gated_jobs_run_strictly_one_after_another() {
 }
 
 #[tokio::test]
+async fn gated_jobs_created_at_the_same_moment_start_in_creation_order() {
+    let Some((client, ns, run, _operator)) = setup("gated-burst").await else {
+        return;
+    };
+    let jobs: Api<Job> = Api::namespaced(client.clone(), &ns);
+    let names: Vec<String> = (1..=4).map(|i| format!("burst-{i}")).collect();
+    // no pause between them: the requests of later Jobs may exist before
+    // those of earlier ones
+    for name in &names {
+        jobs.create(&PostParams::default(), &gated_job(&run, name, "burst", true))
+            .await
+            .unwrap();
+    }
+    for name in &names {
+        let running = common::eventually(&format!("{name} to start"), WAIT, || async {
+            let all = jobs.list(&Default::default()).await.ok()?.items;
+            let started: Vec<String> = all
+                .iter()
+                .filter(|j| {
+                    j.spec.as_ref().and_then(|s| s.suspend) == Some(false)
+                        && j.status.as_ref().and_then(|s| s.succeeded).is_none()
+                })
+                .map(|j| j.metadata.name.clone().unwrap())
+                .collect();
+            (!started.is_empty()).then_some(started)
+        })
+        .await;
+        assert_eq!(&running, &[name.clone()], "one Job at a time, in creation order");
+        common::complete_job(&jobs, name).await;
+    }
+}
+
+#[tokio::test]
 async fn deleting_a_waiting_job_removes_its_request_and_shifts_the_queue() {
     let Some((client, ns, run, _operator)) = setup("gated-delete").await else {
         return;

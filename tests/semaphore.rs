@@ -499,6 +499,31 @@ async fn kubectl_shows_semaphores_and_permits() {
     assert!(x.split_whitespace().any(|c| c == "2"), "{x}");
 }
 
+/// A Waiting event on the Job `name` that says `text`.
+async fn job_event(s: &Setup, name: &str, text: &str) {
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(s.client.clone(), &s.ns);
+    eventually(
+        &format!("a Waiting event on Job {name} saying {text:?}"),
+        WAIT,
+        || async {
+            events
+                .list(&Default::default())
+                .await
+                .ok()?
+                .items
+                .into_iter()
+                .find(|e| {
+                    e.reason.as_deref() == Some("Waiting")
+                        && e.regarding
+                            .as_ref()
+                            .is_some_and(|r| r.kind.as_deref() == Some("Job") && r.name.as_deref() == Some(name))
+                        && e.note.as_deref().is_some_and(|n| n.contains(text))
+                })
+        },
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn gated_jobs_take_permits_and_hear_when_their_place_changes() {
     use k8s_openapi::api::batch::v1::Job;
@@ -538,11 +563,8 @@ async fn gated_jobs_take_permits_and_hear_when_their_place_changes() {
     };
     running("wide").await;
     // StrictFIFO: "narrow" (2) does not fit next to "wide" (2); "last" waits behind it
-    let event = s.event("narrow", "Waiting").await;
-    let note = event.note.unwrap_or_default();
-    assert!(note.contains("2/3 permits held by Job/wide; 1st in line"), "{note}");
-    let event = s.event("last", "Waiting").await;
-    assert!(event.note.unwrap_or_default().contains("2nd in line"));
+    job_event(&s, "narrow", "2/3 permits held by Job/wide; 1st in line").await;
+    job_event(&s, "last", "2/3 permits held by Job/wide; 2nd in line").await;
     // the first Job finishes: the next two fit together
     common::complete_job(&jobs, "wide").await;
     running("narrow").await;

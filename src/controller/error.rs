@@ -127,7 +127,10 @@ impl Category {
     pub fn of_lock_error(error: &LockError) -> Category {
         match error {
             LockError::AcquisitionFailed { .. } => Category::Held,
-            LockError::InvalidLockId(_) | LockError::InvalidMetadata(_) | LockError::InvalidTtl(_) => Category::Invalid,
+            LockError::InvalidLockId(_)
+            | LockError::InvalidMetadata(_)
+            | LockError::InvalidTtl(_)
+            | LockError::InvalidPermits(_) => Category::Invalid,
             LockError::Unavailable { .. } => Category::Unavailable,
             LockError::Engine { status: 401 | 403, .. } => Category::Unauthorized,
             LockError::Engine { .. } => Category::Engine,

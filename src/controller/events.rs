@@ -6,11 +6,25 @@ use kube::runtime::events::{Event, EventType, Recorder};
 
 /// Publishes one event about `object`.
 pub async fn publish(recorder: &Recorder, object: &ObjectReference, type_: EventType, reason: &str, note: String) {
+    publish_action(recorder, object, type_, reason, reason, note).await;
+}
+
+/// Publishes one event about `object` for `action`. The recorder folds
+/// events with the same reason and action into one series (keeping the first
+/// note), so an event whose note matters each time needs its own action.
+async fn publish_action(
+    recorder: &Recorder,
+    object: &ObjectReference,
+    type_: EventType,
+    reason: &str,
+    action: &str,
+    note: String,
+) {
     let event = Event {
         type_,
         reason: reason.into(),
         note: Some(note),
-        action: reason.into(),
+        action: action.into(),
         secondary: None,
     };
     if let Err(e) = recorder.publish(&event, object).await {
@@ -26,4 +40,10 @@ pub async fn normal(recorder: &Recorder, object: &ObjectReference, reason: &str,
 /// A Warning event.
 pub async fn warning(recorder: &Recorder, object: &ObjectReference, reason: &str, note: String) {
     publish(recorder, object, EventType::Warning, reason, note).await;
+}
+
+/// A Normal `Waiting` event telling a gated Job its new place in line.
+pub async fn placed(recorder: &Recorder, job: &ObjectReference, position: usize, note: String) {
+    let action = format!("WaitingAt{position}");
+    publish_action(recorder, job, EventType::Normal, "Waiting", &action, note).await;
 }

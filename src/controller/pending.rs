@@ -317,6 +317,11 @@ pub async fn reconcile(lock: Arc<DistributedLock>, ctx: &Context, key: &str) -> 
             metadata,
             permits,
         } => {
+            // (no status write: its place is not known until that request exists)
+            if let Some(job) = crate::gate::job_queued_ahead(ctx, key, &ctx.arrival(&lock)) {
+                tracing::debug!(%job, "a Job created earlier is queueing for the same key");
+                return Ok(Action::requeue(Duration::from_millis(200)));
+            }
             let skipped = matches!(view.permits, Some(PermitView { turn: Turn::Go { skipped }, .. }) if skipped > 0);
             let ask = Ask {
                 ttl,
@@ -348,7 +353,7 @@ async fn wait(lock: &DistributedLock, ctx: &Context, position: usize, reason: &s
     status::write(&ctx.client, lock, next).await?;
     if moved && let Some(job) = ctx.gating_job(lock) {
         let job_ref = kube::Resource::object_ref(job.as_ref(), &());
-        super::events::normal(&ctx.recorder, &job_ref, "Waiting", message.to_string()).await;
+        super::events::placed(&ctx.recorder, &job_ref, position, message.to_string()).await;
     }
     Ok(())
 }

@@ -18,6 +18,9 @@ pub enum LockError {
     /// Metadata that is not a JSON object.
     #[error("invalid metadata: {0}")]
     InvalidMetadata(String),
+    /// A semaphore limit or a permit count out of range.
+    #[error("{0}")]
+    InvalidPermits(String),
     /// A lease length outside 1 ms ..= 365 days.
     #[error("invalid ttl {0:?}: must be between 1ms and 365 days")]
     InvalidTtl(Duration),
@@ -71,7 +74,10 @@ impl LockError {
     pub fn category(&self) -> &'static str {
         match self {
             LockError::AcquisitionFailed { .. } => "held",
-            LockError::InvalidLockId(_) | LockError::InvalidMetadata(_) | LockError::InvalidTtl(_) => "invalid",
+            LockError::InvalidLockId(_)
+            | LockError::InvalidMetadata(_)
+            | LockError::InvalidTtl(_)
+            | LockError::InvalidPermits(_) => "invalid",
             LockError::Unavailable { .. } => "unavailable",
             LockError::Engine { status: 401 | 403, .. } => "unauthorized",
             LockError::Engine { .. } => "engine",

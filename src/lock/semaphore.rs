@@ -222,30 +222,23 @@ fn live_mutex(source: &Value) -> Option<LockDocument> {
         .filter(|doc| doc.expires_at > Utc::now())
 }
 
-/// 0..=MAX_PERMITS. (Reported as `KindMismatch`, category "kind": a new
-/// error variant would break the operator's exhaustive match on
-/// `LockError`; the message names the bad number.)
+/// 0..=MAX_PERMITS.
 fn validate_limit(lock_id: &str, limit: u32) -> Result<(), LockError> {
     if limit > MAX_PERMITS {
-        return Err(LockError::KindMismatch {
-            lock_id: lock_id.to_string(),
-            message: format!("invalid limit {limit}: a semaphore has 0..={MAX_PERMITS} permits"),
-        });
+        return Err(LockError::InvalidPermits(format!(
+            "lock {lock_id:?}: invalid limit {limit}: a semaphore has 0..={MAX_PERMITS} permits"
+        )));
     }
     Ok(())
 }
 
-/// 1..=MAX_PERMITS (ignored for an exclusive request); reported like
-/// [`validate_limit`].
+/// 1..=MAX_PERMITS (ignored for an exclusive request).
 fn validate_permits(request: &PermitRequest) -> Result<(), LockError> {
     if !request.exclusive && !(1..=MAX_PERMITS).contains(&request.permits) {
-        return Err(LockError::KindMismatch {
-            lock_id: request.base.lock_id.clone(),
-            message: format!(
-                "invalid permits {}: a request takes 1..={MAX_PERMITS} permits",
-                request.permits
-            ),
-        });
+        return Err(LockError::InvalidPermits(format!(
+            "lock {:?}: invalid permits {}: a request takes 1..={MAX_PERMITS} permits",
+            request.base.lock_id, request.permits
+        )));
     }
     Ok(())
 }
