@@ -157,7 +157,7 @@ async fn gated_jobs_created_at_the_same_moment_start_in_creation_order() {
             (!started.is_empty()).then_some(started)
         })
         .await;
-        assert_eq!(&running, &[name.clone()], "one Job at a time, in creation order");
+        assert_eq!(running, vec![name.clone()], "one Job at a time, in creation order");
         common::complete_job(&jobs, name).await;
     }
 }
