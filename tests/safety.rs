@@ -340,3 +340,40 @@ async fn a_grant_a_waiting_request_was_never_told_of_is_given_back() {
     );
     t.pending_at("early", 1).await;
 }
+
+#[tokio::test]
+async fn a_lease_that_ran_out_while_the_spec_was_edited_is_expired_not_lost() {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    let Some(s) = Setup::new("expired-edited", &[]).await else {
+        return;
+    };
+    s.create("holder", json!({"lockId": "k", "ttl": "2s"})).await;
+    s.granted("holder").await;
+    // the operator stalls past the lease while the requester edits the spec:
+    // the copy it decides on when it wakes is stale
+    let pid = Pid::from_raw(s.operator.child.id() as i32);
+    kill(pid, Signal::SIGSTOP).unwrap();
+    let edit = json!({"spec": {"holder": "edited while stalled"}});
+    s.api
+        .patch(
+            "holder",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&edit),
+        )
+        .await
+        .unwrap();
+    let url = std::env::var("ELASTICSEARCH_URL").unwrap();
+    let engine = common::lock_client(&url, "kube-locks");
+    let key = format!("{}/k", s.ns);
+    common::eventually("the lease to run out", WAIT, || async {
+        engine.get(&key).await.ok()?.is_none().then_some(())
+    })
+    .await;
+    kill(pid, Signal::SIGCONT).unwrap();
+    let done = await_lock(&s.api, "holder", "final", WAIT, |l| {
+        phase_of(l).is_some_and(|p| p.is_final())
+    })
+    .await;
+    assert_eq!(phase_of(&done), Some(Phase::Expired), "{:?}", done.status);
+}

@@ -6,8 +6,12 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use kube::runtime::controller::Action;
 
-use super::error::Result;
+use kube::ResourceExt;
+use kube::api::Api;
+
+use super::error::{Error, Result};
 use super::holder::{self, HolderState};
+use super::raw::RawRequest;
 use super::status::{self, parse_time, reason};
 use super::{Context, renew_period};
 use crate::crd::{DistributedLock, Phase};
@@ -129,7 +133,27 @@ async fn renew(lock: Arc<DistributedLock>, ctx: &Context, key: &str, ttl: Durati
     };
     let note = format!("lock {}: {message}", queue::lock_key(&lock));
     super::events::warning(&ctx.recorder, &super::object_ref(&lock), reason, note).await;
-    super::finish(&lock, ctx, phase, reason, message).await
+    match super::finish(&lock, ctx, phase, reason, message).await {
+        // The lease is over whatever a newer copy of the request says (the
+        // lock index decided, and finish gave back what was left of it): a
+        // spec edit that made this copy stale must not turn the outcome into
+        // Lost at the next renewal. Finish the newer copy the same way.
+        Err(Error::Stale) => {
+            let api: Api<RawRequest> = Api::namespaced(ctx.client.clone(), &lock.namespace().unwrap_or_default());
+            let fresh = api.get_opt(&lock.name_any()).await.map_err(Error::Kube)?;
+            let Some(Ok(fresh)) = fresh.map(|f| f.decode()) else {
+                return Ok(Action::await_change());
+            };
+            let same_grant = fresh.uid() == lock.uid()
+                && queue::phase(&fresh) == Phase::Granted
+                && fresh.status.as_ref().and_then(|s| s.token.as_ref()) == Some(&token);
+            if !same_grant {
+                return Ok(Action::await_change());
+            }
+            super::finish(&fresh, ctx, phase, reason, message).await
+        }
+        other => other,
+    }
 }
 
 #[cfg(test)]
