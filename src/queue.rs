@@ -146,23 +146,39 @@ pub fn position(queue: &[Arc<DistributedLock>], lock: &DistributedLock) -> usize
         .unwrap_or(queue.len() + 1)
 }
 
-/// Requests of `key` that must be reconciled for the queue to move: the head
-/// when nobody here holds the lock, and every waiter whose recorded position
-/// is stale.
+/// Who among the waiters of a key may be able to go when something changed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MayGo {
+    /// A mutex: the head, when nobody here holds the key.
+    HeadWhenFree,
+    /// A semaphore in StrictFIFO order: the head (permits may have freed up
+    /// although others still hold some).
+    Head,
+    /// A semaphore in BestEffortFIFO order: anyone who fits.
+    Anyone,
+}
+
+/// Requests of `key` that must be reconciled for the queue to move: those
+/// that may be able to go (see [`MayGo`]), and every waiter whose recorded
+/// position is stale.
 pub fn needing_attention(
     all: &[Arc<DistributedLock>],
     key: &str,
     seen: &dyn Sightings,
     released: &dyn Fn(&DistributedLock) -> bool,
+    may_go: MayGo,
 ) -> Vec<Arc<DistributedLock>> {
     let queue = waiters(all, key, seen);
-    let free = holder(all, key, released).is_none();
+    let head_may_go = match may_go {
+        MayGo::HeadWhenFree => holder(all, key, released).is_none(),
+        MayGo::Head | MayGo::Anyone => true,
+    };
     queue
         .iter()
         .enumerate()
         .filter(|(i, l)| {
             let recorded = l.status.as_ref().and_then(|s| s.waiting_position);
-            (*i == 0 && free) || recorded != Some(*i as i32 + 1)
+            (*i == 0 && head_may_go) || may_go == MayGo::Anyone || recorded != Some(*i as i32 + 1)
         })
         .map(|(_, l)| l.clone())
         .collect()
@@ -224,15 +240,42 @@ mod tests {
             .map(Arc::new)
             .collect();
         // "second" records a stale position
-        assert_eq!(names(&needing_attention(&all, "ns/a", &Unseen, &|_| false)), ["second"]);
+        assert_eq!(
+            names(&needing_attention(
+                &all,
+                "ns/a",
+                &Unseen,
+                &|_| false,
+                MayGo::HeadWhenFree
+            )),
+            ["second"]
+        );
         let mut released = holder_lock;
         released.status.as_mut().unwrap().phase = Some(Phase::Released);
         let all: Vec<_> = [released, first, second].into_iter().map(Arc::new).collect();
         assert_eq!(
-            names(&needing_attention(&all, "ns/a", &Unseen, &|_| false)),
+            names(&needing_attention(
+                &all,
+                "ns/a",
+                &Unseen,
+                &|_| false,
+                MayGo::HeadWhenFree
+            )),
             ["first", "second"]
         );
         assert_eq!(position(&waiters(&all, "ns/a", &Unseen), &all[2]), 2);
+    }
+
+    #[test]
+    fn a_semaphore_wakes_its_head_while_others_hold_permits_and_best_effort_wakes_everyone() {
+        let holder_lock = with_phase(request("holder", "ns", "a", 0, 1, 1), Phase::Granted, None);
+        let first = with_phase(request("first", "ns", "a", 0, 2, 2), Phase::Pending, Some(1));
+        let second = with_phase(request("second", "ns", "a", 0, 3, 3), Phase::Pending, Some(2));
+        let all: Vec<_> = [holder_lock, first, second].into_iter().map(Arc::new).collect();
+        let attention = |may_go| names(&needing_attention(&all, "ns/a", &Unseen, &|_| false, may_go));
+        assert!(attention(MayGo::HeadWhenFree).is_empty());
+        assert_eq!(attention(MayGo::Head), ["first"]);
+        assert_eq!(attention(MayGo::Anyone), ["first", "second"]);
     }
 
     #[test]
@@ -256,7 +299,16 @@ mod tests {
         let next = with_phase(request("next", "ns", "a", 0, 2, 2), Phase::Pending, Some(2));
         let all: Vec<_> = [orphan, next].into_iter().map(Arc::new).collect();
         assert_eq!(names(&waiters(&all, "ns/a", &Unseen)), ["next"]);
-        assert_eq!(names(&needing_attention(&all, "ns/a", &Unseen, &|_| false)), ["next"]);
+        assert_eq!(
+            names(&needing_attention(
+                &all,
+                "ns/a",
+                &Unseen,
+                &|_| false,
+                MayGo::HeadWhenFree
+            )),
+            ["next"]
+        );
     }
 
     #[test]

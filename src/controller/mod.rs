@@ -313,7 +313,7 @@ async fn add_finalizer(api: &Api<raw::RawRequest>, lock: &DistributedLock, versi
 async fn apply(lock: Arc<DistributedLock>, ctx: &Context) -> Result<Action> {
     let key = queue::lock_key(&lock);
     // Whatever changed about this request may have moved the others.
-    wake_queue(ctx, &key, Some(&lock));
+    wake_queue(ctx, &key, Some(&lock), false);
     match queue::phase(&lock) {
         phase if phase.is_final() => {
             ctx.index.forget_released(&lock);
@@ -346,7 +346,7 @@ async fn cleanup(lock: Arc<DistributedLock>, ctx: &Context) -> Result<Action> {
         let note = format!("lock {key} released: request deleted");
         events::normal(&ctx.recorder, &object_ref(&lock), "Released", note).await;
     }
-    wake_queue(ctx, &key, None);
+    wake_queue(ctx, &key, None, true);
     Ok(Action::await_change())
 }
 
@@ -376,7 +376,7 @@ async fn release_own(lock: &DistributedLock, ctx: &Context, key: &str) -> Result
                 .observe((Utc::now() - acquired).num_milliseconds().max(0) as f64 / 1000.0);
         }
         ctx.index.mark_released(key, Some(lock));
-        wake_queue(ctx, key, None);
+        wake_queue(ctx, key, None, true);
     }
     Ok(released)
 }
@@ -409,15 +409,24 @@ pub async fn finish(
         _ => {}
     }
     status::write(&ctx.client, lock, status::finished(lock, phase, reason, message)).await?;
-    wake_queue(ctx, &key, None);
+    wake_queue(ctx, &key, None, true);
     Ok(Action::await_change())
 }
 
 /// Reconciles, now, the requests of `key` whose state is behind the queue
 /// (the head when the key is free here, waiters with a stale position).
-fn wake_queue(ctx: &Context, key: &str, except: Option<&DistributedLock>) {
+/// `freed`: this controller just gave back a grant of `key`, so on a
+/// semaphore key the waiters that may now fit are woken too (not on every
+/// reconcile: waiters of a BestEffortFIFO key would wake each other for ever).
+fn wake_queue(ctx: &Context, key: &str, except: Option<&DistributedLock>, freed: bool) {
     let members = ctx.index.members(&ctx.store, key);
-    for lock in queue::needing_attention(&members, key, &*ctx.index, &|l| ctx.index.just_released(l)) {
+    let may_go = match ctx.semaphore_for(key) {
+        _ if !freed => queue::MayGo::HeadWhenFree,
+        None => queue::MayGo::HeadWhenFree,
+        Some(s) if s.spec.queueing == crate::crd::Queueing::BestEffortFIFO => queue::MayGo::Anyone,
+        Some(_) => queue::MayGo::Head,
+    };
+    for lock in queue::needing_attention(&members, key, &*ctx.index, &|l| ctx.index.just_released(l), may_go) {
         if except.is_none_or(|me| me.uid() != lock.uid()) {
             let _ = ctx.wake.send(ObjectRef::from_obj(lock.as_ref()));
         }
@@ -436,7 +445,7 @@ pub async fn departures(ctx: Arc<Context>, mut departed: mpsc::UnboundedReceiver
         if let Err(e) = let_go(&ctx, &lock, &key).await {
             tracing::warn!(name = %lock.name_any(), error = %e, "could not let go of a request that left the selector");
         }
-        wake_queue(&ctx, &key, None);
+        wake_queue(&ctx, &key, None, true);
     }
 }
 

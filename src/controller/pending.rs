@@ -526,7 +526,7 @@ async fn give_back_untold_grant(lock: &DistributedLock, ctx: &Context, key: &str
     {
         tracing::info!(%key, "gave back a grant its waiting request was never told of");
         ctx.index.mark_released(key, None);
-        super::wake_queue(ctx, key, Some(lock));
+        super::wake_queue(ctx, key, Some(lock), true);
     }
     Ok(())
 }
