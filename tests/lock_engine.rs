@@ -21,17 +21,6 @@ fn client(url: &str) -> LockClient {
     common::lock_client(url, PREFIX)
 }
 
-async fn raw_document(client: &LockClient, lock_id: &str) -> Option<Value> {
-    let response = client
-        .elasticsearch()
-        .get(GetParts::IndexId(client.index(), lock_id))
-        .send()
-        .await
-        .unwrap();
-    let body: Value = response.json().await.unwrap();
-    (body["found"] == true).then(|| body["_source"].clone())
-}
-
 #[tokio::test]
 async fn acquire_release_and_metadata() {
     let Some(url) = common::es_url() else { return };
@@ -57,7 +46,7 @@ async fn acquire_release_and_metadata() {
         "second release is harmless"
     );
     assert!(
-        raw_document(&client, &id).await.is_none(),
+        common::raw_document(&client, &id).await.is_none(),
         "release deletes the document"
     );
 }
@@ -101,7 +90,7 @@ async fn expiry_hands_the_lock_to_a_new_token_and_fences_the_old_one() {
     })
     .await;
     assert!(
-        raw_document(&client, &id).await.is_some(),
+        common::raw_document(&client, &id).await.is_some(),
         "the expired document is still stored"
     );
 
@@ -266,7 +255,10 @@ async fn token_changed_behind_the_holders_back_blocks_release() {
         .await
         .unwrap();
     assert!(!client.release(&id, &lock.token).await.unwrap());
-    assert_eq!(raw_document(&client, &id).await.unwrap()["token"], "someone-else");
+    assert_eq!(
+        common::raw_document(&client, &id).await.unwrap()["token"],
+        "someone-else"
+    );
 }
 
 #[tokio::test]
@@ -685,7 +677,10 @@ async fn every_printable_ascii_id_round_trips_or_is_refused() {
                 (seen.lock_id.as_str(), seen.token.as_str()),
                 (id.as_str(), lock.token.as_str())
             );
-            assert_eq!(raw_document(&client, &id).await.unwrap()["token"], lock.token.as_str());
+            assert_eq!(
+                common::raw_document(&client, &id).await.unwrap()["token"],
+                lock.token.as_str()
+            );
             assert!(client.release(&id, &lock.token).await.unwrap(), "{id:?}");
         } else {
             let err = result.expect_err(&id);
@@ -857,7 +852,7 @@ async fn with_lock_releases_when_the_function_panics() {
     })
     .await;
     assert!(
-        raw_document(&client, &id).await.is_none(),
+        common::raw_document(&client, &id).await.is_none(),
         "released, not expired ({token})"
     );
 }
@@ -879,7 +874,10 @@ async fn with_lock_releases_when_its_future_is_dropped() {
         client.get(&id).await.unwrap().is_none().then_some(())
     })
     .await;
-    assert!(raw_document(&client, &id).await.is_none(), "released, not expired");
+    assert!(
+        common::raw_document(&client, &id).await.is_none(),
+        "released, not expired"
+    );
 }
 
 #[tokio::test]

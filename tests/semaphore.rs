@@ -501,26 +501,10 @@ async fn kubectl_shows_semaphores_and_permits() {
 
 /// A Waiting event on the Job `name` that says `text`.
 async fn job_event(s: &Setup, name: &str, text: &str) {
-    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(s.client.clone(), &s.ns);
-    eventually(
-        &format!("a Waiting event on Job {name} saying {text:?}"),
-        WAIT,
-        || async {
-            events
-                .list(&Default::default())
-                .await
-                .ok()?
-                .items
-                .into_iter()
-                .find(|e| {
-                    e.reason.as_deref() == Some("Waiting")
-                        && e.regarding
-                            .as_ref()
-                            .is_some_and(|r| r.kind.as_deref() == Some("Job") && r.name.as_deref() == Some(name))
-                        && e.note.as_deref().is_some_and(|n| n.contains(text))
-                })
-        },
-    )
+    s.event_where(name, "Waiting", |e| {
+        e.regarding.as_ref().and_then(|r| r.kind.as_deref()) == Some("Job")
+            && e.note.as_deref().is_some_and(|n| n.contains(text))
+    })
     .await;
 }
 

@@ -9,12 +9,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use elasticsearch::GetParts;
 use kube_lock_manager::lock::{
     AcquireRequest, ExtendOutcome, Lock, LockClient, LockError, MAX_PERMITS, PermitOutcome, PermitRequest,
     RetireOutcome, Semaphore,
 };
-use serde_json::{Value, json};
+use serde_json::json;
 
 const PREFIX: &str = "semtest";
 const LONG: Duration = Duration::from_secs(30);
@@ -54,22 +53,10 @@ async fn full(client: &LockClient, request: &PermitRequest) -> Semaphore {
     }
 }
 
-/// The stored document as the engine has it.
-async fn raw_document(client: &LockClient, lock_id: &str) -> Option<Value> {
-    let response = client
-        .elasticsearch()
-        .get(GetParts::IndexId(client.index(), lock_id))
-        .send()
-        .await
-        .unwrap();
-    let body: Value = response.json().await.unwrap();
-    (body["found"] == true).then(|| body["_source"].clone())
-}
-
 /// Permits held by live holders of the stored document (by this machine's
 /// clock, which the engine on loopback shares).
 async fn live_permits_in_document(client: &LockClient, lock_id: &str) -> u64 {
-    let Some(doc) = raw_document(client, lock_id).await else {
+    let Some(doc) = common::raw_document(client, lock_id).await else {
         return 0;
     };
     let now = chrono::Utc::now();
@@ -246,7 +233,7 @@ async fn expired_holders_free_their_permits() {
     .await;
     assert!(next.fencing_token > short.fencing_token);
     // the grant dropped the expired holder: its token is simply not held now
-    let doc = raw_document(&client, &id).await.unwrap();
+    let doc = common::raw_document(&client, &id).await.unwrap();
     assert_eq!(doc["holders"].as_array().unwrap().len(), 1, "{doc}");
     let outcome = client.extend_lease(&id, &short.token, LONG, None).await.unwrap();
     assert_eq!(outcome, ExtendOutcome::NotHeld);
@@ -319,7 +306,7 @@ async fn fencing_tokens_grow_from_mutex_to_semaphore_to_mutex() {
         assert!(client.release(&id, &b.token).await.unwrap());
     }
     assert_eq!(client.semaphore_delete(&id).await.unwrap(), RetireOutcome::Deleted);
-    assert!(raw_document(&client, &id).await.is_none());
+    assert!(common::raw_document(&client, &id).await.is_none());
     for _ in 0..2 {
         let lock = client.acquire(&id, LONG, json!({})).await.unwrap().unwrap();
         tokens.push(lock.fencing_token);
@@ -352,7 +339,7 @@ async fn an_unpinned_fence_is_pinned_by_the_first_acquirer() {
     assert!(created.status_code().is_success());
     let first = granted(&client, &permits(&id, 1, LONG)).await;
     assert!(first.fencing_token > before.fencing_token);
-    let doc = raw_document(&client, &id).await.unwrap();
+    let doc = common::raw_document(&client, &id).await.unwrap();
     assert_eq!(doc["fence"].as_u64(), Some(first.fencing_token), "{doc}");
 }
 

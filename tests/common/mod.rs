@@ -45,6 +45,18 @@ pub fn lock_client(url: &str, prefix: &str) -> LockClient {
     LockClient::from_args(&args).expect("valid engine settings")
 }
 
+/// The stored lock document as the engine has it (expired or not).
+pub async fn raw_document(client: &LockClient, lock_id: &str) -> Option<serde_json::Value> {
+    let response = client
+        .elasticsearch()
+        .get(elasticsearch::GetParts::IndexId(client.index(), lock_id))
+        .send()
+        .await
+        .unwrap();
+    let body: serde_json::Value = response.json().await.unwrap();
+    (body["found"] == true).then(|| body["_source"].clone())
+}
+
 /// A unique name for this test's lock ids, namespaces and prefixes.
 pub fn unique(name: &str) -> String {
     let suffix = uuid::Uuid::new_v4().simple().to_string();
@@ -304,6 +316,17 @@ impl Setup {
 
     /// The first event with this reason about the object named `name`.
     pub async fn event(&self, name: &str, reason: &str) -> k8s_openapi::api::events::v1::Event {
+        self.event_where(name, reason, |_| true).await
+    }
+
+    /// The first event with this reason about the object named `name` that
+    /// satisfies `check`.
+    pub async fn event_where(
+        &self,
+        name: &str,
+        reason: &str,
+        check: impl Fn(&k8s_openapi::api::events::v1::Event) -> bool,
+    ) -> k8s_openapi::api::events::v1::Event {
         let events: kube::Api<k8s_openapi::api::events::v1::Event> =
             kube::Api::namespaced(self.client.clone(), &self.ns);
         eventually(&format!("a {reason} event on {name}"), WAIT, || async {
@@ -316,6 +339,7 @@ impl Setup {
                 .find(|e| {
                     e.reason.as_deref() == Some(reason)
                         && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name)
+                        && check(e)
                 })
         })
         .await
