@@ -389,6 +389,7 @@ fn permit_view(
         ..Default::default()
     };
     let mut ours = std::collections::HashSet::new();
+    let mut holders = Vec::new();
     for m in members {
         ours.insert(m.uid().unwrap_or_default());
         let holds =
@@ -397,9 +398,12 @@ fn permit_view(
             let w = want(m);
             capacity.exclusive_held |= w.exclusive;
             capacity.held += if w.exclusive { limit } else { w.permits };
-            capacity.holders.push(display_holder(m));
+            holders.push((m.status.as_ref().and_then(|s| s.fencing_token), display_holder(m)));
         }
     }
+    // oldest grant first
+    holders.sort();
+    capacity.holders = holders.into_iter().map(|(_, name)| name).collect();
     let wants: Vec<Want> = waiters.iter().map(|w| want(w)).collect();
     let turn = if me < wants.len() {
         admission::turn(semaphore.spec.queueing, &capacity, &wants, me)
