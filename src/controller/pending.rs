@@ -759,6 +759,79 @@ mod tests {
         assert!(matches!(step, PendingStep::Acquire { .. }));
     }
 
+    fn with_permits(position: usize, turn: Turn, limit: u32, held: u32, holders: &[&str], permits: u32) -> QueueView {
+        QueueView {
+            position,
+            held_by: None,
+            permits: Some(PermitView {
+                capacity: Capacity {
+                    limit,
+                    held,
+                    exclusive_held: false,
+                    holders: holders.iter().map(|h| h.to_string()).collect(),
+                },
+                turn,
+                wants: Want {
+                    permits,
+                    exclusive: false,
+                    waited: Duration::ZERO,
+                },
+            }),
+        }
+    }
+
+    #[test]
+    fn a_semaphore_waiter_says_who_holds_the_permits_and_its_place() {
+        let lock = created_at_zero();
+        let view = with_permits(2, Turn::Behind, 3, 3, &["a", "b", "c"], 1);
+        let step = decide(&lock, Ok(()), HolderState::Unbound, &view, at(1));
+        assert!(
+            matches!(&step, PendingStep::Wait { reason: "Waiting", message, .. } if message == "waiting for ns/k: 3/3 permits held by a, b, c; 2nd in line"),
+            "{step:?}"
+        );
+        let many: Vec<String> = (1..=7).map(|i| format!("h{i}")).collect();
+        let names: Vec<&str> = many.iter().map(String::as_str).collect();
+        let view = with_permits(1, Turn::Full, 7, 7, &names, 1);
+        let step = decide(&lock, Ok(()), HolderState::Unbound, &view, at(1));
+        assert!(
+            matches!(&step, PendingStep::Wait { message, .. } if message.ends_with("held by h1, h2, h3, h4, h5 and 2 more; 1st in line")),
+            "{step:?}"
+        );
+    }
+
+    #[test]
+    fn a_semaphore_waiter_over_the_limit_is_told_so_and_its_turn_acquires_permits() {
+        let lock = created_at_zero();
+        let over = with_permits(1, Turn::ExceedsLimit, 3, 0, &[], 5);
+        let step = decide(&lock, Ok(()), HolderState::Unbound, &over, at(1));
+        assert!(
+            matches!(&step, PendingStep::Wait { reason: "ExceedsLimit", message, .. } if message.contains("asks for 5 permits, more than its limit of 3")),
+            "{step:?}"
+        );
+        let closed = with_permits(1, Turn::ExceedsLimit, 0, 0, &[], 1);
+        let step = decide(&lock, Ok(()), HolderState::Unbound, &closed, at(1));
+        assert!(
+            matches!(&step, PendingStep::Wait { message, .. } if message.contains("closed (limit 0)")),
+            "{step:?}"
+        );
+        let go = with_permits(2, Turn::Go { skipped: 1 }, 3, 1, &["a"], 2);
+        let step = decide(&lock, Ok(()), HolderState::Unbound, &go, at(1));
+        assert!(
+            matches!(
+                &step,
+                PendingStep::Acquire {
+                    permits: Some(Want {
+                        permits: 2,
+                        exclusive: false,
+                        ..
+                    }),
+                    ..
+                }
+            ),
+            "{step:?}"
+        );
+    }
+
     #[test]
     fn a_gated_request_whose_job_is_gone_is_deleted() {
         let mut lock = held_by_job(created_at_zero(), "j");
