@@ -96,28 +96,33 @@ pub fn parse_time(text: &str) -> Option<DateTime<Utc>> {
     DateTime::parse_from_rfc3339(text).ok().map(|t| t.with_timezone(&Utc))
 }
 
-/// A waiter whose holderRef names a Job or Pod that does not exist (the
-/// controller said so in its status): it cannot be granted, so it must not
-/// hold up the requests behind it. It keeps its place for when its holder
-/// appears (its arrival does not change).
-pub fn waits_for_its_holder(lock: &DistributedLock) -> bool {
+/// A waiter that cannot be granted as things are, so it must not hold up the
+/// requests behind it: its holderRef names a Job or Pod that does not exist
+/// (reason HolderNotFound), or it asks for more permits than its key's
+/// Semaphore has (reason ExceedsLimit) — as the controller said in its
+/// status. It keeps its place for when that changes (its arrival does not
+/// change).
+pub fn stands_aside(lock: &DistributedLock) -> bool {
     lock.status.as_ref().is_some_and(|s| {
         s.conditions
             .iter()
-            .any(|c| c.type_ == "Granted" && c.reason == HOLDER_NOT_FOUND)
+            .any(|c| c.type_ == "Granted" && (c.reason == HOLDER_NOT_FOUND || c.reason == EXCEEDS_LIMIT))
     })
 }
+
+/// The reason a waiter that asks for more permits than the limit shows.
+pub const EXCEEDS_LIMIT: &str = "ExceedsLimit";
 
 /// The reason a waiter whose holder does not exist shows.
 pub const HOLDER_NOT_FOUND: &str = "HolderNotFound";
 
 /// The waiters for `key` in grant order: Pending, not being deleted, and
-/// able to be granted (see [`waits_for_its_holder`]).
+/// able to be granted (see [`stands_aside`]).
 pub fn waiters(all: &[Arc<DistributedLock>], key: &str, seen: &dyn Sightings) -> Vec<Arc<DistributedLock>> {
     let mut queue: Vec<_> = all
         .iter()
         .filter(|l| phase(l) == Phase::Pending && !is_deleting(l) && lock_key(l) == key)
-        .filter(|l| !waits_for_its_holder(l))
+        .filter(|l| !stands_aside(l))
         .cloned()
         .collect();
     queue.sort_by_cached_key(|l| queue_order(l, seen));

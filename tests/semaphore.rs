@@ -241,8 +241,13 @@ async fn a_request_over_the_limit_waits_until_the_limit_is_raised() {
     )
     .await;
     assert_eq!(phase_of(&big), Some(Phase::Pending), "not Failed: the limit may rise");
-    // it holds up nobody
+    // it holds up nobody, nor counts as ahead of anyone
     s.granted("small").await;
+    s.create("wider", json!({"lockId": "wide", "permits": 3})).await;
+    waiting_with(&s, "wider", "Waiting", "1/3 permits held by small; 1st in line").await;
+    s.delete("small").await;
+    s.granted("wider").await;
+    s.delete("wider").await;
     set_limit(&s, "wide", 6).await;
     s.granted("big").await;
     // 0 closes the key
@@ -423,29 +428,51 @@ async fn a_key_used_as_the_other_kind_is_named_and_nothing_breaks() {
     let engine = common::lock_client(&url, "kube-locks");
     // a Semaphore for a key a CLI client holds as a plain mutex
     let key = format!("{}/plain", s.ns);
-    let cli = engine
-        .acquire(&key, Duration::from_secs(60), json!({}))
-        .await
-        .unwrap()
-        .unwrap();
+    let mut request = AcquireRequest::new(key.clone(), Duration::from_secs(60), json!({}));
+    request.holder = Some("cron backup".into());
+    let cli = engine.try_acquire(&request).await.unwrap().unwrap();
     create_semaphore(&s, "plain", json!({"limit": 2})).await;
     let sem = semaphore_until(&s, "plain", "MutexInUse", |sem| {
         ready_reason(sem).as_deref() == Some("MutexInUse")
     })
     .await;
-    let message = sem.status.unwrap().conditions[0].message.clone();
-    assert!(message.contains("mutex"), "{message}");
+    let status = sem.status.unwrap();
+    let message = status.conditions[0].message.clone();
+    assert!(
+        message.contains("held as a plain mutex by cron backup until"),
+        "{message}"
+    );
     s.create("p", json!({"lockId": "plain"})).await;
-    waiting_with(&s, "p", "KindMismatch", "mutex").await;
+    s.create("q", json!({"lockId": "plain"})).await;
+    // in the requester's terms: who holds it, no CLI flags
+    let p = waiting_with(&s, "p", "KindMismatch", "held as a plain mutex by cron backup").await;
+    assert!(
+        !granted_message(&p).1.contains("--permits"),
+        "{:?}",
+        granted_message(&p)
+    );
+    waiting_with(&s, "q", "Waiting", "held as a plain mutex by cron backup until").await;
+    waiting_with(&s, "q", "Waiting", "2nd in line").await;
+    semaphore_until(&s, "plain", "counting its waiters", |sem| {
+        sem.status.as_ref().is_some_and(|st| st.waiting == Some(2))
+    })
+    .await;
     assert!(engine.release(&key, &cli.token).await.unwrap());
     in_force(&s, "plain", 2).await;
     s.granted("p").await;
+    s.granted("q").await;
 
     // the reverse: a mutex request for a key a CLI client made a semaphore
     let other = format!("{}/counted", s.ns);
     engine.semaphore_set(&other, 4).await.unwrap();
     s.create("m", json!({"lockId": "counted"})).await;
-    waiting_with(&s, "m", "KindMismatch", "semaphore").await;
+    waiting_with(
+        &s,
+        "m",
+        "KindMismatch",
+        "holds it as a semaphore (limit 4) that no Semaphore here governs",
+    )
+    .await;
     // the operator serves everyone else meanwhile
     s.create("free", json!({"lockId": "elsewhere"})).await;
     s.granted("free").await;
@@ -459,7 +486,7 @@ async fn a_key_used_as_the_other_kind_is_named_and_nothing_breaks() {
         .filter(is_granted)
         .map(|l| l.metadata.name.unwrap())
         .collect();
-    assert_eq!(ids, HashSet::from(["p".to_string(), "free".to_string()]));
+    assert_eq!(ids, HashSet::from(["p".into(), "q".into(), "free".to_string()]));
 }
 
 #[tokio::test]

@@ -37,6 +37,8 @@ pub struct PermitView {
     pub turn: Turn,
     /// What this request asks for.
     pub wants: Want,
+    /// The Semaphore is not in force yet: a plain mutex holds the key (why, in words).
+    pub held_as_mutex: Option<String>,
 }
 
 impl PermitView {
@@ -194,7 +196,7 @@ pub fn decide(
                 reason::WAITING,
                 format!(
                     "waiting for {key}: {}; {} in line",
-                    view.summary(),
+                    view.held_as_mutex.clone().unwrap_or_else(|| view.summary()),
                     admission::ordinal(queue.position)
                 ),
             ),
@@ -253,7 +255,7 @@ pub async fn reconcile(lock: Arc<DistributedLock>, ctx: &Context, key: &str) -> 
     let holder = holder::fetch(&ctx.client, &lock).await?;
     let members = ctx.index.members(&ctx.store, key);
     let mut waiters = queue::waiters(&members, key, &*ctx.index);
-    if queue::waits_for_its_holder(&lock) {
+    if queue::stands_aside(&lock) {
         // its holder may exist by now: place it where its arrival puts it
         waiters.push(lock.clone());
         waiters.sort_by_cached_key(|l| queue::queue_order(l, &*ctx.index));
@@ -433,6 +435,7 @@ fn permit_view(
         wants: want(lock),
         capacity,
         turn,
+        held_as_mutex: super::semaphores::held_as_mutex(semaphore),
     }
 }
 
@@ -463,7 +466,7 @@ async fn acquire(lock: Arc<DistributedLock>, ctx: &Context, key: &str, ask: Ask)
         None => match ctx.engine("acquire", &lock, ctx.locks.try_acquire(&request)).await {
             Ok(Some(grant)) => grant,
             Ok(None) => return held_elsewhere(&lock, ctx, key, deadline).await,
-            Err(Error::Lock(e @ LockError::KindMismatch { .. })) => return kind_mismatch(&lock, ctx, &e).await,
+            Err(Error::Lock(LockError::KindMismatch { .. })) => return kind_mismatch(&lock, ctx, key, false).await,
             Err(e) => return Err(e),
         },
         Some(want) => {
@@ -479,7 +482,7 @@ async fn acquire(lock: Arc<DistributedLock>, ctx: &Context, key: &str, ask: Ask)
                 Ok(PermitOutcome::Granted(grant)) => grant,
                 Ok(PermitOutcome::Full(state)) => return permits_in_use(&lock, ctx, key, state, deadline).await,
                 Err(Error::Lock(LockError::NoSemaphore { .. })) => return no_semaphore_yet(&lock, ctx, key).await,
-                Err(Error::Lock(e @ LockError::KindMismatch { .. })) => return kind_mismatch(&lock, ctx, &e).await,
+                Err(Error::Lock(LockError::KindMismatch { .. })) => return kind_mismatch(&lock, ctx, key, true).await,
                 Err(e) => return Err(e),
             }
         }
@@ -589,6 +592,7 @@ async fn permits_in_use(
             exclusive: lock.spec.is_exclusive(),
             waited: Duration::ZERO,
         },
+        held_as_mutex: None,
     };
     let waiters = queue::waiters(&members, key, &*ctx.index);
     let position = queue::position(&waiters, lock);
@@ -626,12 +630,26 @@ async fn no_semaphore_yet(lock: &DistributedLock, ctx: &Context, key: &str) -> R
 }
 
 /// The key is used as the other kind in the lock index (a plain mutex held
-/// by a client while a Semaphore governs it here, or the reverse): wait, and
-/// say so.
-async fn kind_mismatch(lock: &DistributedLock, ctx: &Context, error: &LockError) -> Result<Action> {
-    let message = crate::lock::error_line(error);
-    let members = ctx.index.members(&ctx.store, &queue::lock_key(lock));
-    let position = queue::position(&queue::waiters(&members, &queue::lock_key(lock), &*ctx.index), lock);
+/// while a Semaphore governs it here, or a semaphore no Semaphore here
+/// governs): wait, and say so in the requester's terms.
+async fn kind_mismatch(lock: &DistributedLock, ctx: &Context, key: &str, wants_permits: bool) -> Result<Action> {
+    let message = if wants_permits {
+        let why = ctx
+            .semaphore_for(key)
+            .and_then(|s| super::semaphores::held_as_mutex(&s))
+            .unwrap_or_else(|| "held as a plain mutex; its Semaphore takes effect once it is released".into());
+        format!("waiting for {key}: {why}")
+    } else {
+        let limit = match ctx.locks.semaphore_get(key).await {
+            Ok(Some(s)) => format!(" (limit {})", s.limit),
+            _ => String::new(),
+        };
+        format!(
+            "waiting for {key}: the lock index holds it as a semaphore{limit} that no Semaphore here governs; create a Semaphore for it, or remove it when unused (lockctl semaphore delete)"
+        )
+    };
+    let members = ctx.index.members(&ctx.store, key);
+    let position = queue::position(&queue::waiters(&members, key, &*ctx.index), lock);
     wait(lock, ctx, position, reason::KIND_MISMATCH, &message).await?;
     Ok(Action::requeue(Duration::from_secs(2).min(ctx.max_retry_interval)))
 }
@@ -776,6 +794,7 @@ mod tests {
                     exclusive: false,
                     waited: Duration::ZERO,
                 },
+                held_as_mutex: None,
             }),
         }
     }

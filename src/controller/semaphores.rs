@@ -133,14 +133,18 @@ async fn apply(semaphore: &Semaphore, ctx: &Context) -> Result<Action> {
             }
             Ok(Action::requeue(REFRESH))
         }
-        Err(LockError::KindMismatch { message, .. }) => {
-            let message = format!("{message}; the limit takes effect once it is released");
-            write(
-                ctx,
-                semaphore,
-                not_ready(semaphore, &key, reason::MUTEX_IN_USE, &message),
-            )
-            .await?;
+        Err(LockError::KindMismatch { .. }) => {
+            let message = match engine(ctx, "get", ctx.locks.get(&key)).await {
+                Ok(Some(held)) => format!(
+                    "held as a plain mutex by {} until {}; the limit takes effect once it is released",
+                    held.holder.as_deref().unwrap_or("a client"),
+                    status::rfc3339(held.expires_at)
+                ),
+                _ => "held as a plain mutex; the limit takes effect once it is released".to_string(),
+            };
+            let mut next = not_ready(semaphore, &key, reason::MUTEX_IN_USE, &message);
+            next.waiting = Some(waiting_here(ctx, &key) as i64);
+            write(ctx, semaphore, next).await?;
             Ok(Action::requeue(Duration::from_secs(2)))
         }
         Err(e) => {
@@ -235,10 +239,7 @@ fn in_force(ctx: &Context, semaphore: &Semaphore, key: &str, state: &crate::lock
             }
         })
         .collect();
-    let waiting = members
-        .iter()
-        .filter(|m| queue::phase(m) == Phase::Pending && m.metadata.deletion_timestamp.is_none())
-        .count();
+    let waiting = waiting_here(ctx, key);
     let mut next = SemaphoreStatus {
         lock_key: Some(key.to_string()),
         limit: Some(i64::from(state.limit)),
@@ -251,6 +252,27 @@ fn in_force(ctx: &Context, semaphore: &Semaphore, key: &str, state: &crate::lock
     let message = format!("{key} has {} of {} permits in use", state.held(), state.limit);
     set_ready(&mut next, semaphore, true, reason::IN_FORCE, &message);
     next
+}
+
+/// Requests of this cluster waiting for `key`.
+fn waiting_here(ctx: &Context, key: &str) -> usize {
+    ctx.index
+        .members(&ctx.store, key)
+        .iter()
+        .filter(|m| queue::phase(m) == Phase::Pending && m.metadata.deletion_timestamp.is_none())
+        .count()
+}
+
+/// Why the key's Semaphore is not in force because a plain mutex holds the
+/// key, as its Ready condition says; `None` when it is in force.
+pub fn held_as_mutex(semaphore: &Semaphore) -> Option<String> {
+    semaphore
+        .status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == READY && c.reason == reason::MUTEX_IN_USE)
+        .map(|c| c.message.clone())
 }
 
 fn not_ready(semaphore: &Semaphore, key: &str, reason: &str, message: &str) -> SemaphoreStatus {

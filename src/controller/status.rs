@@ -31,7 +31,7 @@ pub mod reason {
     pub const INVALID_SPEC: &str = "InvalidSpec";
     pub const SCOPE_NOT_ALLOWED: &str = "ScopeNotAllowed";
     /// Asks for more permits than the key's Semaphore has (or it is closed).
-    pub const EXCEEDS_LIMIT: &str = "ExceedsLimit";
+    pub const EXCEEDS_LIMIT: &str = crate::queue::EXCEEDS_LIMIT;
     /// The key is used as the other kind in the index (a semaphore vs a plain mutex).
     pub const KIND_MISMATCH: &str = "KindMismatch";
     /// Reasons of the IndexReachable condition.
