@@ -244,7 +244,7 @@ pub async fn run(args: OperatorArgs) -> Result<(), OperatorError> {
         .for_each(|_| futures::future::ready(()));
 
     let (holder_index, pod_index, key_index) = (index.clone(), index.clone(), index.clone());
-    let lock_controller = Controller::for_shared_stream(locks_for_controller, lock_store.clone())
+    let mut lock_controller = Controller::for_shared_stream(locks_for_controller, lock_store.clone())
         .watches_shared_stream(jobs_for_controller, move |job| {
             holder_index.held_by(&(job.namespace().unwrap_or_default(), HolderKind::Job, job.name_any()))
         })
@@ -256,7 +256,33 @@ pub async fn run(args: OperatorArgs) -> Result<(), OperatorError> {
         // a Semaphore's limit moves the queue of its key
         .watches_shared_stream(semaphores_for_locks, move |semaphore| {
             key_index.of_key(&controller::semaphores::key_of(&semaphore))
+        });
+    if args.selector.is_some() {
+        // A holderRef Job need not carry the selector's labels (the shared Job
+        // watch only sees those, for the gate): watch every Job's metadata so
+        // that a holder finishing or going releases its lock at once, not at
+        // the next renewal.
+        let (finished_index, gone) = (index.clone(), ctx.wake.clone());
+        let every_job = watcher::watcher(
+            Api::<kube::core::PartialObjectMeta<Job>>::all(client.clone()),
+            watcher::Config::default().any_semantic(),
+        )
+        .default_backoff()
+        .inspect_ok(move |event| {
+            if let watcher::Event::Delete(job) = event {
+                let holder = (job.namespace().unwrap_or_default(), HolderKind::Job, job.name_any());
+                for request in finished_index.held_by(&holder) {
+                    let _ = gone.send(request);
+                }
+            }
         })
+        .touched_objects();
+        let held_index = index.clone();
+        lock_controller = lock_controller.watches_stream(every_job, move |job| {
+            held_index.held_by(&(job.namespace().unwrap_or_default(), HolderKind::Job, job.name_any()))
+        });
+    }
+    let lock_controller = lock_controller
         .reconcile_on(UnboundedReceiverStream::new(woken))
         .graceful_shutdown_on(wait_for(shutdown.clone()))
         .run(controller::reconcile, controller::error_policy, ctx.clone())

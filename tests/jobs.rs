@@ -163,6 +163,48 @@ async fn gated_jobs_created_at_the_same_moment_start_in_creation_order() {
 }
 
 #[tokio::test]
+async fn a_holder_job_without_the_selector_labels_releases_when_it_completes() {
+    let Some((client, ns, run, _operator)) = setup("unlabelled-holder").await else {
+        return;
+    };
+    let jobs: Api<Job> = Api::namespaced(client.clone(), &ns);
+    let requests: Api<DistributedLock> = Api::namespaced(client.clone(), &ns);
+    // the operator runs with --selector; the holder Job carries no labels at all
+    let job: Job = serde_json::from_value(json!({
+        "apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "plain"},
+        "spec": {"template": {"spec": {"restartPolicy": "Never", "containers": [{"name": "c", "image": "busybox"}]}}}
+    }))
+    .unwrap();
+    jobs.create(&PostParams::default(), &job).await.unwrap();
+    // renewals every 30 s: only the Job's own event can release it sooner
+    let holder = json!({"lockId": "k", "ttl": "2m", "holderRef": {"kind": "Job", "name": "plain"}});
+    requests
+        .create(&PostParams::default(), &lock_request(&run, "holder", holder))
+        .await
+        .unwrap();
+    requests
+        .create(
+            &PostParams::default(),
+            &lock_request(&run, "next", json!({"lockId": "k"})),
+        )
+        .await
+        .unwrap();
+    await_lock(&requests, "holder", "Granted", WAIT, |l| {
+        phase_of(l) == Some(Phase::Granted)
+    })
+    .await;
+    common::complete_job(&jobs, "plain").await;
+    await_lock(
+        &requests,
+        "next",
+        "Granted within 10 s of the Job's completion",
+        Duration::from_secs(10),
+        |l| phase_of(l) == Some(Phase::Granted),
+    )
+    .await;
+}
+
+#[tokio::test]
 async fn deleting_a_waiting_job_removes_its_request_and_shifts_the_queue() {
     let Some((client, ns, run, _operator)) = setup("gated-delete").await else {
         return;
