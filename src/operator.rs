@@ -170,6 +170,7 @@ pub async fn run(args: OperatorArgs) -> Result<(), OperatorError> {
         index: index.clone(),
         index_health: std::sync::Mutex::new(index_health),
         semaphores: semaphore_store.clone(),
+        semaphores_listed: Default::default(),
         permit_holders: Default::default(),
     });
     tracing::info!(index = %ctx.locks.index(), "operator started");
@@ -241,6 +242,14 @@ pub async fn run(args: OperatorArgs) -> Result<(), OperatorError> {
         .default_backoff()
         .modify(|semaphore| semaphore.managed_fields_mut().clear())
         .reflect_shared(semaphore_writer)
+        .inspect_ok({
+            let ctx = ctx.clone();
+            move |event| {
+                if matches!(event, watcher::Event::InitDone) {
+                    ctx.semaphores_listed.store(true, Ordering::Relaxed);
+                }
+            }
+        })
         .for_each(|_| futures::future::ready(()));
 
     let (holder_index, pod_index, key_index) = (index.clone(), index.clone(), index.clone());

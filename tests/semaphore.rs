@@ -581,3 +581,66 @@ async fn gated_jobs_take_permits_and_hear_when_their_place_changes() {
     running("narrow").await;
     running("last").await;
 }
+
+#[tokio::test]
+async fn bad_input_is_refused_with_the_field_named() {
+    let Some(s) = Setup::new("sem-bad", &[]).await else {
+        return;
+    };
+    let refused = |result: Result<Semaphore, kube::Error>, field: &str| {
+        let err = result.expect_err("refused").to_string();
+        assert!(err.contains(field), "{err}");
+    };
+    let semaphore = |spec: serde_json::Value| -> Semaphore {
+        serde_json::from_value(json!({
+            "apiVersion": "lockmanager.dev/v1alpha1", "kind": "Semaphore",
+            "metadata": {"name": "bad", "labels": {RUN_LABEL: s.run}}, "spec": spec,
+        }))
+        .unwrap()
+    };
+    let api = semaphores(&s);
+    refused(
+        api.create(&Default::default(), &semaphore(json!({"limit": 10001})))
+            .await,
+        "spec.limit",
+    );
+    let request = |spec| common::lock_request(&s.run, "bad", spec);
+    for (spec, field) in [
+        (json!({"lockId": "k", "permits": 10001}), "spec.permits"),
+        (json!({"lockId": "k", "permits": 0}), "spec.permits"),
+        (
+            json!({"lockId": "k", "permits": 2, "exclusive": true}),
+            "spec.permits cannot be combined",
+        ),
+    ] {
+        let err = s
+            .api
+            .create(&Default::default(), &request(spec))
+            .await
+            .expect_err("refused");
+        assert!(err.to_string().contains(field), "{err}");
+    }
+    create_semaphore(&s, "good", json!({"limit": 2})).await;
+    let err = api
+        .patch(
+            "good",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"lockId": "other"}})),
+        )
+        .await
+        .expect_err("refused");
+    assert!(err.to_string().contains("spec.lockId is immutable"), "{err}");
+    s.create("r", json!({"lockId": "good", "permits": 2})).await;
+    let err = s
+        .api
+        .patch(
+            "r",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"permits": 1}})),
+        )
+        .await
+        .expect_err("refused");
+    assert!(err.to_string().contains("spec.permits is immutable"), "{err}");
+    // and the operator serves on
+    s.granted("r").await;
+}

@@ -61,6 +61,8 @@ pub struct Context {
     /// How the lock index answered last.
     pub index_health: Mutex<IndexHealth>,
     pub semaphores: Store<Semaphore>,
+    /// The Semaphore watch has listed them all (until then no request is decided on).
+    pub semaphores_listed: std::sync::atomic::AtomicBool,
     /// Each semaphore key as the lock index last showed it (holders outside
     /// this cluster included).
     pub permit_holders: Mutex<std::collections::HashMap<String, crate::lock::Semaphore>>,
@@ -252,6 +254,11 @@ pub fn retry_after<K: Resource<DynamicType = ()>>(object: &K, error: &Error, ctx
 #[tracing::instrument(skip(lock, ctx), fields(name = %lock.name_any(), namespace = lock.namespace().unwrap_or_default()))]
 pub async fn reconcile(lock: Arc<DistributedLock>, ctx: Arc<Context>) -> Result<Action> {
     ctx.metrics.reconciliations.inc();
+    // which keys are semaphores is known only once the Semaphores are listed:
+    // before that a request of a semaphore key would be taken for a mutex one
+    if !ctx.semaphores_listed.load(Ordering::Relaxed) {
+        return Ok(Action::requeue(Duration::from_millis(100)));
+    }
     let namespace = lock
         .namespace()
         .ok_or_else(|| Error::Invalid("DistributedLock without a namespace".into()))?;
