@@ -59,6 +59,13 @@ impl Arrival {
 pub trait Sightings {
     /// The resourceVersion a request had when the controller first saw it.
     fn first_seen(&self, lock: &DistributedLock) -> Option<u64>;
+
+    /// The arrival of a request whose status does not record one yet: its
+    /// creation and first sighting (the controller also knows the Jobs that
+    /// suspend-gated requests were made for, whose arrival they take).
+    fn unrecorded(&self, lock: &DistributedLock) -> Arrival {
+        Arrival::observed(lock, self.first_seen(lock))
+    }
 }
 
 /// No record of first sightings: the current resourceVersion stands in.
@@ -74,7 +81,7 @@ impl Sightings for Unseen {
 
 /// The arrival that orders `lock`: recorded, else observed.
 pub fn arrival(lock: &DistributedLock, seen: &dyn Sightings) -> Arrival {
-    Arrival::recorded(lock).unwrap_or_else(|| Arrival::observed(lock, seen.first_seen(lock)))
+    Arrival::recorded(lock).unwrap_or_else(|| seen.unrecorded(lock))
 }
 
 /// Order among waiters: higher priority first, then earlier arrival, then name.

@@ -216,6 +216,18 @@ impl Context {
     }
 }
 
+/// The queue orders every request by [`Context::arrival`]: a suspend-gated
+/// request by its Job's arrival even before its own status records it.
+impl Sightings for Context {
+    fn first_seen(&self, lock: &DistributedLock) -> Option<u64> {
+        self.index.first_seen(lock)
+    }
+
+    fn unrecorded(&self, lock: &DistributedLock) -> Arrival {
+        self.arrival(lock)
+    }
+}
+
 /// The reference events about a request point at.
 pub fn object_ref(lock: &DistributedLock) -> ObjectReference {
     lock.object_ref(&())
@@ -433,7 +445,7 @@ fn wake_queue(ctx: &Context, key: &str, except: Option<&DistributedLock>, freed:
         Some(s) if s.spec.queueing == crate::crd::Queueing::BestEffortFIFO => queue::MayGo::Anyone,
         Some(_) => queue::MayGo::Head,
     };
-    for lock in queue::needing_attention(&members, key, &*ctx.index, &|l| ctx.index.just_released(l), may_go) {
+    for lock in queue::needing_attention(&members, key, ctx, &|l| ctx.index.just_released(l), may_go) {
         if except.is_none_or(|me| me.uid() != lock.uid()) {
             let _ = ctx.wake.send(ObjectRef::from_obj(lock.as_ref()));
         }

@@ -254,11 +254,11 @@ pub fn scope_allowed(ctx: &Context, lock: &DistributedLock) -> Result<(), String
 pub async fn reconcile(lock: Arc<DistributedLock>, ctx: &Context, key: &str) -> Result<Action> {
     let holder = holder::fetch(&ctx.client, &lock).await?;
     let members = ctx.index.members(&ctx.store, key);
-    let mut waiters = queue::waiters(&members, key, &*ctx.index);
+    let mut waiters = queue::waiters(&members, key, ctx);
     if queue::stands_aside(&lock) {
         // its holder may exist by now: place it where its arrival puts it
         waiters.push(lock.clone());
-        waiters.sort_by_cached_key(|l| queue::queue_order(l, &*ctx.index));
+        waiters.sort_by_cached_key(|l| queue::queue_order(l, ctx));
     }
     let position = queue::position(&waiters, &lock);
     let semaphore = ctx.semaphore_for(key);
@@ -594,7 +594,7 @@ async fn permits_in_use(
         },
         held_as_mutex: None,
     };
-    let waiters = queue::waiters(&members, key, &*ctx.index);
+    let waiters = queue::waiters(&members, key, ctx);
     let position = queue::position(&waiters, lock);
     let message = format!(
         "waiting for {key}: {}; {} in line",
@@ -649,7 +649,7 @@ async fn kind_mismatch(lock: &DistributedLock, ctx: &Context, key: &str, wants_p
         )
     };
     let members = ctx.index.members(&ctx.store, key);
-    let position = queue::position(&queue::waiters(&members, key, &*ctx.index), lock);
+    let position = queue::position(&queue::waiters(&members, key, ctx), lock);
     wait(lock, ctx, position, reason::KIND_MISMATCH, &message).await?;
     Ok(Action::requeue(Duration::from_secs(2).min(ctx.max_retry_interval)))
 }
