@@ -574,8 +574,12 @@ async fn gated_jobs_take_permits_and_hear_when_their_place_changes() {
     };
     running("wide").await;
     // StrictFIFO: "narrow" (2) does not fit next to "wide" (2); "last" waits behind it
-    job_event(&s, "narrow", "2/3 permits held by Job/wide; 1st in line").await;
-    job_event(&s, "last", "2/3 permits held by Job/wide; 2nd in line").await;
+    waiting_with(&s, "narrow", "Waiting", "2/3 permits held by Job/wide; 1st in line").await;
+    waiting_with(&s, "last", "Waiting", "2/3 permits held by Job/wide; 2nd in line").await;
+    // each Job hears of its place (an event per place: its words are those
+    // of the moment it got there)
+    job_event(&s, "narrow", "1st in line").await;
+    job_event(&s, "last", "2nd in line").await;
     // the first Job finishes: the next two fit together
     common::complete_job(&jobs, "wide").await;
     running("narrow").await;
