@@ -193,12 +193,8 @@ pub fn job_queued_ahead(ctx: &Context, key: &str, arrival: &crate::queue::Arriva
         if next_step(&job, None) != GateStep::CreateRequest {
             return None;
         }
-        let created = job
-            .metadata
-            .creation_timestamp
-            .as_ref()
-            .and_then(|t| chrono::DateTime::from_timestamp_millis(t.0.as_millisecond()))?;
-        if now - created > REQUEST_ON_ITS_WAY {
+        let theirs = ctx.job_arrival(&job);
+        if now - theirs.at? > REQUEST_ON_ITS_WAY {
             return None;
         }
         let namespace = job.namespace().unwrap_or_default();
@@ -214,15 +210,6 @@ pub fn job_queued_ahead(ctx: &Context, key: &str, arrival: &crate::queue::Arriva
         if crate::queue::lock_key(&request) != key {
             return None;
         }
-        let sequence = ctx
-            .index
-            .job_first_seen(&job)
-            .or_else(|| job.resource_version().and_then(|rv| rv.parse().ok()))
-            .unwrap_or(u64::MAX);
-        let theirs = crate::queue::Arrival {
-            at: Some(created),
-            sequence,
-        };
         (theirs < *arrival).then(|| format!("{namespace}/{}", job.name_any()))
     })
 }

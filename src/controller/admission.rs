@@ -31,6 +31,19 @@ pub struct Capacity {
 }
 
 impl Capacity {
+    /// "3/3 permits held by a, b, c" (at most five names).
+    pub fn summary(&self) -> String {
+        let mut text = format!("{}/{} permits held", self.held, self.limit);
+        if !self.holders.is_empty() {
+            let shown: Vec<&str> = self.holders.iter().take(5).map(String::as_str).collect();
+            text.push_str(&format!(" by {}", shown.join(", ")));
+            if self.holders.len() > shown.len() {
+                text.push_str(&format!(" and {} more", self.holders.len() - shown.len()));
+            }
+        }
+        text
+    }
+
     /// Whether `want` can never be granted under the current limit.
     pub fn exceeds_limit(&self, want: &Want) -> bool {
         self.limit == 0 || (!want.exclusive && want.permits > self.limit)

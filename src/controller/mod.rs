@@ -77,10 +77,7 @@ impl Context {
         lock: &DistributedLock,
         call: impl Future<Output = Result<T, LockError>>,
     ) -> Result<T> {
-        let started = Instant::now();
-        let result = call.await;
-        self.metrics.engine_call(operation, started.elapsed(), &result);
-        match result {
+        match self.timed(operation, call).await {
             Ok(value) => {
                 self.set_index_health(IndexHealth::Reachable);
                 Ok(value)
@@ -127,6 +124,52 @@ impl Context {
         }
     }
 
+    /// Runs one lock index call, timing it and counting its failure.
+    pub async fn timed<T>(
+        &self,
+        operation: &'static str,
+        call: impl Future<Output = Result<T, LockError>>,
+    ) -> Result<T, LockError> {
+        let started = Instant::now();
+        let result = call.await;
+        self.metrics.engine_call(operation, started.elapsed(), &result);
+        result
+    }
+
+    /// Whether `namespace` may use `scope` (scope Cluster only from the
+    /// allow-list, when there is one); `Err` is the message saying why not.
+    pub fn scope_allowed(&self, namespace: &str, scope: crate::crd::LockScope) -> Result<(), String> {
+        let Some(allowed) = &self.cluster_scope_namespaces else {
+            return Ok(());
+        };
+        if scope != crate::crd::LockScope::Cluster || allowed.contains(namespace) {
+            return Ok(());
+        }
+        let mut names: Vec<_> = allowed.iter().cloned().collect();
+        names.sort();
+        Err(format!(
+            "namespace {namespace:?} may not use scope Cluster (allowed: {})",
+            names.join(", ")
+        ))
+    }
+
+    /// A gated Job's place in line: its creation and the resourceVersion it
+    /// had when first seen (else its current one).
+    pub fn job_arrival(&self, job: &Job) -> Arrival {
+        Arrival {
+            at: job
+                .metadata
+                .creation_timestamp
+                .as_ref()
+                .and_then(|t| chrono::DateTime::from_timestamp_millis(t.0.as_millisecond())),
+            sequence: self
+                .index
+                .job_first_seen(job)
+                .or_else(|| job.resource_version().and_then(|rv| rv.parse().ok()))
+                .unwrap_or(u64::MAX),
+        }
+    }
+
     /// The index's health as this controller saw it last.
     pub fn index_health(&self) -> IndexHealth {
         self.index_health.lock().unwrap_or_else(|p| p.into_inner()).clone()
@@ -160,18 +203,7 @@ impl Context {
             return recorded;
         }
         if let Some(job) = self.gating_job(lock) {
-            return Arrival {
-                at: job
-                    .metadata
-                    .creation_timestamp
-                    .as_ref()
-                    .and_then(|t| chrono::DateTime::from_timestamp_millis(t.0.as_millisecond())),
-                sequence: self
-                    .index
-                    .job_first_seen(&job)
-                    .or_else(|| job.resource_version().and_then(|rv| rv.parse().ok()))
-                    .unwrap_or(u64::MAX),
-            };
+            return self.job_arrival(&job);
         }
         Arrival::observed(lock, self.index.first_seen(lock))
     }

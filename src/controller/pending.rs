@@ -14,7 +14,7 @@ use super::error::{Error, Result};
 use super::holder::{self, HolderState};
 use super::status::{self, reason};
 use super::{Context, display_holder, renew_period};
-use crate::crd::{DistributedLock, LockScope, Phase};
+use crate::crd::{DistributedLock, Phase};
 use crate::lock::{AcquireRequest, LockError, PermitOutcome, PermitRequest};
 use crate::queue;
 
@@ -41,20 +41,9 @@ pub struct PermitView {
     pub held_as_mutex: Option<String>,
 }
 
-impl PermitView {
-    /// "3/3 permits held by a, b, c" (at most five names).
-    pub fn summary(&self) -> String {
-        let c = &self.capacity;
-        let mut text = format!("{}/{} permits held", c.held, c.limit);
-        if !c.holders.is_empty() {
-            let shown: Vec<&str> = c.holders.iter().take(5).map(String::as_str).collect();
-            text.push_str(&format!(" by {}", shown.join(", ")));
-            if c.holders.len() > shown.len() {
-                text.push_str(&format!(" and {} more", c.holders.len() - shown.len()));
-            }
-        }
-        text
-    }
+/// "waiting for KEY: WHY; 2nd in line".
+fn in_line(key: &str, why: &str, position: usize) -> String {
+    format!("waiting for {key}: {why}; {} in line", admission::ordinal(position))
 }
 
 /// What a Pending request needs next.
@@ -194,10 +183,10 @@ pub fn decide(
             ),
             Turn::Full | Turn::Behind => (
                 reason::WAITING,
-                format!(
-                    "waiting for {key}: {}; {} in line",
-                    view.held_as_mutex.clone().unwrap_or_else(|| view.summary()),
-                    admission::ordinal(queue.position)
+                in_line(
+                    &key,
+                    &view.held_as_mutex.clone().unwrap_or_else(|| view.capacity.summary()),
+                    queue.position,
                 ),
             ),
         };
@@ -235,19 +224,7 @@ pub fn decide(
 
 /// Whether this namespace may use scope Cluster; `Err` is the message saying why not.
 pub fn scope_allowed(ctx: &Context, lock: &DistributedLock) -> Result<(), String> {
-    let Some(allowed) = &ctx.cluster_scope_namespaces else {
-        return Ok(());
-    };
-    let namespace = lock.namespace().unwrap_or_default();
-    if lock.spec.scope != LockScope::Cluster || allowed.contains(&namespace) {
-        return Ok(());
-    }
-    let mut names: Vec<_> = allowed.iter().cloned().collect();
-    names.sort();
-    Err(format!(
-        "namespace {namespace:?} may not use scope Cluster (allowed: {})",
-        names.join(", ")
-    ))
+    ctx.scope_allowed(&lock.namespace().unwrap_or_default(), lock.spec.scope)
 }
 
 /// Reconciles a Pending request.
@@ -331,6 +308,7 @@ pub async fn reconcile(lock: Arc<DistributedLock>, ctx: &Context, key: &str) -> 
                 metadata,
                 permits,
                 skipped,
+                position: view.position,
             };
             acquire(lock, ctx, key, ask).await
         }
@@ -346,6 +324,8 @@ struct Ask {
     permits: Option<Want>,
     /// The grant passes waiters ahead that do not fit (BestEffortFIFO).
     skipped: bool,
+    /// Its place in this cluster's queue, for the status if it must wait.
+    position: usize,
 }
 
 /// Writes a waiting status; a gated Job is told (an Event) when its place changes.
@@ -449,6 +429,7 @@ async fn acquire(lock: Arc<DistributedLock>, ctx: &Context, key: &str, ask: Ask)
         metadata,
         permits,
         skipped,
+        position,
     } = ask;
     let Some(token) = lock.uid() else {
         return Err(Error::Invalid("a DistributedLock without a uid".into()));
@@ -466,7 +447,9 @@ async fn acquire(lock: Arc<DistributedLock>, ctx: &Context, key: &str, ask: Ask)
         None => match ctx.engine("acquire", &lock, ctx.locks.try_acquire(&request)).await {
             Ok(Some(grant)) => grant,
             Ok(None) => return held_elsewhere(&lock, ctx, key, deadline).await,
-            Err(Error::Lock(LockError::KindMismatch { .. })) => return kind_mismatch(&lock, ctx, key, false).await,
+            Err(Error::Lock(LockError::KindMismatch { .. })) => {
+                return kind_mismatch(&lock, ctx, key, position, false).await;
+            }
             Err(e) => return Err(e),
         },
         Some(want) => {
@@ -480,9 +463,13 @@ async fn acquire(lock: Arc<DistributedLock>, ctx: &Context, key: &str, ask: Ask)
                 .await
             {
                 Ok(PermitOutcome::Granted(grant)) => grant,
-                Ok(PermitOutcome::Full(state)) => return permits_in_use(&lock, ctx, key, state, deadline).await,
+                Ok(PermitOutcome::Full(state)) => {
+                    return permits_in_use(&lock, ctx, key, state, position, deadline).await;
+                }
                 Err(Error::Lock(LockError::NoSemaphore { .. })) => return no_semaphore_yet(&lock, ctx, key).await,
-                Err(Error::Lock(LockError::KindMismatch { .. })) => return kind_mismatch(&lock, ctx, key, true).await,
+                Err(Error::Lock(LockError::KindMismatch { .. })) => {
+                    return kind_mismatch(&lock, ctx, key, position, true).await;
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -546,6 +533,7 @@ async fn permits_in_use(
     ctx: &Context,
     key: &str,
     state: crate::lock::Semaphore,
+    position: usize,
     deadline: Option<Duration>,
 ) -> Result<Action> {
     ctx.saw_permits(&state);
@@ -579,28 +567,13 @@ async fn permits_in_use(
                 .unwrap_or_else(|| "a client outside this cluster".into())
         })
         .collect();
-    let view = PermitView {
-        capacity: Capacity {
-            limit: state.limit,
-            held: state.held(),
-            exclusive_held: state.holders.iter().any(|h| h.exclusive),
-            holders: names,
-        },
-        turn: Turn::Full,
-        wants: Want {
-            permits: lock.spec.permits(),
-            exclusive: lock.spec.is_exclusive(),
-            waited: Duration::ZERO,
-        },
-        held_as_mutex: None,
+    let capacity = Capacity {
+        limit: state.limit,
+        held: state.held(),
+        exclusive_held: state.holders.iter().any(|h| h.exclusive),
+        holders: names,
     };
-    let waiters = queue::waiters(&members, key, ctx);
-    let position = queue::position(&waiters, lock);
-    let message = format!(
-        "waiting for {key}: {}; {} in line",
-        view.summary(),
-        admission::ordinal(position)
-    );
+    let message = in_line(key, &capacity.summary(), position);
     wait(lock, ctx, position, reason::WAITING, &message).await?;
     let first_expiry = state.holders.iter().map(|h| h.expires_at).min();
     let retry = first_expiry.map_or(ctx.max_retry_interval, |at| {
@@ -632,7 +605,13 @@ async fn no_semaphore_yet(lock: &DistributedLock, ctx: &Context, key: &str) -> R
 /// The key is used as the other kind in the lock index (a plain mutex held
 /// while a Semaphore governs it here, or a semaphore no Semaphore here
 /// governs): wait, and say so in the requester's terms.
-async fn kind_mismatch(lock: &DistributedLock, ctx: &Context, key: &str, wants_permits: bool) -> Result<Action> {
+async fn kind_mismatch(
+    lock: &DistributedLock,
+    ctx: &Context,
+    key: &str,
+    position: usize,
+    wants_permits: bool,
+) -> Result<Action> {
     let message = if wants_permits {
         let why = ctx
             .semaphore_for(key)
@@ -648,8 +627,6 @@ async fn kind_mismatch(lock: &DistributedLock, ctx: &Context, key: &str, wants_p
             "waiting for {key}: the lock index holds it as a semaphore{limit} that no Semaphore here governs; create a Semaphore for it, or remove it when unused (lockctl semaphore delete)"
         )
     };
-    let members = ctx.index.members(&ctx.store, key);
-    let position = queue::position(&queue::waiters(&members, key, ctx), lock);
     wait(lock, ctx, position, reason::KIND_MISMATCH, &message).await?;
     Ok(Action::requeue(Duration::from_secs(2).min(ctx.max_retry_interval)))
 }

@@ -3,9 +3,8 @@
 //! it back to plain mutex requests) when the Semaphore is deleted.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
@@ -15,7 +14,7 @@ use serde_json::json;
 
 use super::error::{Error, Result};
 use super::{Context, display_holder, status};
-use crate::crd::{LockScope, Phase, SEMAPHORE_FINALIZER, Semaphore, SemaphoreHolder, SemaphoreStatus};
+use crate::crd::{Phase, SEMAPHORE_FINALIZER, Semaphore, SemaphoreHolder, SemaphoreStatus};
 use crate::lock::{LockError, RetireOutcome};
 use crate::queue;
 
@@ -60,18 +59,7 @@ pub fn governing(all: &[Arc<Semaphore>], key: &str, allowed: &dyn Fn(&Semaphore)
 
 /// Whether this Semaphore's namespace may use scope Cluster.
 pub fn scope_allowed(ctx: &Context, semaphore: &Semaphore) -> Result<(), String> {
-    let namespace = semaphore.namespace().unwrap_or_default();
-    match &ctx.cluster_scope_namespaces {
-        Some(allowed) if semaphore.spec.scope == LockScope::Cluster && !allowed.contains(&namespace) => {
-            let mut names: Vec<_> = allowed.iter().cloned().collect();
-            names.sort();
-            Err(format!(
-                "namespace {namespace:?} may not use scope Cluster (allowed: {})",
-                names.join(", ")
-            ))
-        }
-        _ => Ok(()),
-    }
+    ctx.scope_allowed(&semaphore.namespace().unwrap_or_default(), semaphore.spec.scope)
 }
 
 /// The limit requests of a key see: 0 while its Semaphore is being deleted.
@@ -122,7 +110,7 @@ async fn apply(semaphore: &Semaphore, ctx: &Context) -> Result<Action> {
         return Ok(Action::requeue(Duration::from_secs(5)));
     }
     let limit = semaphore.spec.limit;
-    match engine(ctx, "semaphore_set", ctx.locks.semaphore_set(&key, limit)).await {
+    match ctx.timed("semaphore_set", ctx.locks.semaphore_set(&key, limit)).await {
         Ok(state) => {
             ctx.saw_permits(&state);
             let previous = semaphore.status.as_ref().and_then(|s| s.limit);
@@ -134,7 +122,7 @@ async fn apply(semaphore: &Semaphore, ctx: &Context) -> Result<Action> {
             Ok(Action::requeue(REFRESH))
         }
         Err(LockError::KindMismatch { .. }) => {
-            let message = match engine(ctx, "get", ctx.locks.get(&key)).await {
+            let message = match ctx.timed("get", ctx.locks.get(&key)).await {
                 Ok(Some(held)) => format!(
                     "held as a plain mutex by {} until {}; the limit takes effect once it is released",
                     held.holder.as_deref().unwrap_or("a client"),
@@ -174,7 +162,7 @@ async fn cleanup(semaphore: &Semaphore, ctx: &Context) -> Result<Action> {
     if !governs || successor {
         return Ok(Action::await_change());
     }
-    match engine(ctx, "semaphore_delete", ctx.locks.semaphore_delete(&key)).await {
+    match ctx.timed("semaphore_delete", ctx.locks.semaphore_delete(&key)).await {
         Ok(RetireOutcome::Deleted | RetireOutcome::Missing) | Err(LockError::KindMismatch { .. }) => {
             wake_waiters(ctx, &key);
             Ok(Action::await_change())
@@ -182,7 +170,8 @@ async fn cleanup(semaphore: &Semaphore, ctx: &Context) -> Result<Action> {
         Ok(RetireOutcome::Held(state)) => {
             let state = match state.limit {
                 0 => state,
-                _ => engine(ctx, "semaphore_set", ctx.locks.semaphore_set(&key, 0))
+                _ => ctx
+                    .timed("semaphore_set", ctx.locks.semaphore_set(&key, 0))
                     .await
                     .map_err(Error::Lock)?,
             };
@@ -198,18 +187,6 @@ async fn cleanup(semaphore: &Semaphore, ctx: &Context) -> Result<Action> {
         }
         Err(e) => Err(Error::Lock(e)),
     }
-}
-
-/// Times a lock index call and counts its failure.
-async fn engine<T>(
-    ctx: &Context,
-    operation: &'static str,
-    call: impl std::future::Future<Output = Result<T, LockError>>,
-) -> Result<T, LockError> {
-    let started = Instant::now();
-    let result = call.await;
-    ctx.metrics.engine_call(operation, started.elapsed(), &result);
-    result
 }
 
 /// Wakes the waiting requests of `key` (the limit changed, or the key is a mutex again).
@@ -289,22 +266,14 @@ fn not_ready(semaphore: &Semaphore, key: &str, reason: &str, message: &str) -> S
 
 /// Sets the Ready condition, keeping its lastTransitionTime while its status stays.
 fn set_ready(status: &mut SemaphoreStatus, semaphore: &Semaphore, ready: bool, reason: &str, message: &str) {
-    let value = if ready { "True" } else { "False" };
-    let since = status
-        .conditions
-        .iter()
-        .find(|c| c.type_ == READY && c.status == value)
-        .map(|c| c.last_transition_time.clone())
-        .unwrap_or_else(|| Time(k8s_openapi::jiff::Timestamp::now()));
-    status.conditions.retain(|c| c.type_ != READY);
-    status.conditions.push(Condition {
-        type_: READY.into(),
-        status: value.into(),
-        reason: reason.into(),
-        message: message.into(),
-        last_transition_time: since,
-        observed_generation: semaphore.metadata.generation,
-    });
+    status::set_condition_in(
+        &mut status.conditions,
+        semaphore.metadata.generation,
+        READY,
+        ready,
+        reason,
+        message,
+    );
 }
 
 /// Writes the status unless nothing changed.
@@ -331,7 +300,7 @@ async fn write(ctx: &Context, semaphore: &Semaphore, next: SemaphoreStatus) -> R
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::{Queueing, SemaphoreSpec};
+    use crate::crd::{LockScope, Queueing, SemaphoreSpec};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
     fn semaphore(namespace: &str, name: &str, lock_id: Option<&str>, created: i64) -> Arc<Semaphore> {

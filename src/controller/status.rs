@@ -181,9 +181,29 @@ fn set_condition(
     reason: &str,
     message: &str,
 ) {
+    set_condition_in(
+        &mut status.conditions,
+        lock.metadata.generation,
+        type_,
+        value,
+        reason,
+        message,
+    );
+}
+
+/// Sets a condition in `conditions` (of an object at `generation`), keeping
+/// its lastTransitionTime while its status stays the same.
+pub fn set_condition_in(
+    conditions: &mut Vec<Condition>,
+    generation: Option<i64>,
+    type_: &str,
+    value: bool,
+    reason: &str,
+    message: &str,
+) {
     let value = if value { "True" } else { "False" };
     let now = Time(k8s_openapi::jiff::Timestamp::now());
-    match status.conditions.iter_mut().find(|c| c.type_ == type_) {
+    match conditions.iter_mut().find(|c| c.type_ == type_) {
         Some(c) => {
             if c.status != value {
                 c.last_transition_time = now;
@@ -191,15 +211,15 @@ fn set_condition(
             c.status = value.into();
             c.reason = reason.into();
             c.message = message.into();
-            c.observed_generation = lock.metadata.generation;
+            c.observed_generation = generation;
         }
-        None => status.conditions.push(Condition {
+        None => conditions.push(Condition {
             type_: type_.into(),
             status: value.into(),
             reason: reason.into(),
             message: message.into(),
             last_transition_time: now,
-            observed_generation: lock.metadata.generation,
+            observed_generation: generation,
         }),
     }
 }
