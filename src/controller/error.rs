@@ -59,13 +59,18 @@ pub enum Category {
     Invalid,
     /// The engine settings are unusable.
     Config,
-    /// The key is used as the other kind (mutex vs semaphore).
+    /// The key is used as the other kind (mutex vs semaphore, or a kind
+    /// this version does not know).
     Kind,
+    /// A lock document in a shape this version cannot use (edited by hand).
+    Document,
+    /// The lock index refuses writes (a write block, the disk flood stage).
+    ReadOnly,
 }
 
 impl Category {
     /// Every category, for tests and dashboards.
-    pub const ALL: [Category; 14] = [
+    pub const ALL: [Category; 16] = [
         Category::Kube,
         Category::Conflict,
         Category::Waiting,
@@ -80,6 +85,8 @@ impl Category {
         Category::Invalid,
         Category::Config,
         Category::Kind,
+        Category::Document,
+        Category::ReadOnly,
     ];
 
     /// The metric label.
@@ -99,6 +106,8 @@ impl Category {
             Category::Invalid => "invalid",
             Category::Config => "config",
             Category::Kind => "kind",
+            Category::Document => "document",
+            Category::ReadOnly => "read_only",
         }
     }
 
@@ -118,7 +127,10 @@ impl Category {
             | Category::Index
             | Category::Response
             | Category::Config
-            | Category::Kind => Duration::from_secs(10),
+            | Category::Kind
+            | Category::Document => Duration::from_secs(10),
+            // lifted by an admin or by freed disk: notice it soon
+            Category::ReadOnly => Duration::from_secs(3),
             Category::Invalid => Duration::from_secs(300),
         }
     }
@@ -139,6 +151,8 @@ impl Category {
             LockError::Index { .. } => Category::Index,
             LockError::Config(_) => Category::Config,
             LockError::KindMismatch { .. } | LockError::NoSemaphore { .. } => Category::Kind,
+            LockError::Malformed { .. } => Category::Document,
+            LockError::ReadOnly { .. } => Category::ReadOnly,
         }
     }
 }

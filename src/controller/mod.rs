@@ -90,7 +90,7 @@ impl Context {
                 if matches!(category, Category::Invalid | Category::Held | Category::Kind) {
                     return Err(Error::Lock(e));
                 }
-                if category == Category::Response {
+                if matches!(category, Category::Response | Category::Document) {
                     let next = status::with_index_health(
                         lock,
                         &IndexHealth::Failing(reason::UNREADABLE_LOCK, crate::lock::error_line(&e)),
@@ -107,6 +107,17 @@ impl Context {
                         let note = format!("no lock is granted: {message}");
                         events::warning(&self.recorder, &object_ref(lock), reason::FENCING_UNPROVEN, note).await;
                         IndexHealth::Failing(reason::FENCING_UNPROVEN, message)
+                    }
+                    Category::ReadOnly => {
+                        let message = crate::lock::error_line(&e);
+                        events::warning(
+                            &self.recorder,
+                            &object_ref(lock),
+                            reason::INDEX_READ_ONLY,
+                            message.clone(),
+                        )
+                        .await;
+                        IndexHealth::Failing(reason::INDEX_READ_ONLY, message)
                     }
                     _ => IndexHealth::Failing(
                         reason::INDEX_UNREACHABLE,

@@ -12,7 +12,7 @@ use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::ObjectRef;
 use serde_json::json;
 
-use super::error::{Error, Result};
+use super::error::{Category, Error, Result};
 use super::{Context, display_holder, status};
 use crate::crd::{Phase, SEMAPHORE_FINALIZER, Semaphore, SemaphoreHolder, SemaphoreStatus};
 use crate::lock::{LockError, RetireOutcome};
@@ -29,6 +29,7 @@ pub mod reason {
     pub const SCOPE_NOT_ALLOWED: &str = "ScopeNotAllowed";
     pub const DRAINING: &str = "Draining";
     pub const INDEX_UNREACHABLE: &str = "IndexUnreachable";
+    pub use crate::controller::status::reason::{INDEX_READ_ONLY, KIND_MISMATCH, UNREADABLE_LOCK};
 }
 
 /// How often a Semaphore's status is refreshed without an event (holders
@@ -137,12 +138,13 @@ async fn apply(semaphore: &Semaphore, ctx: &Context) -> Result<Action> {
         }
         Err(e) => {
             let message = format!("the lock index: {}", crate::lock::error_line(&e));
-            write(
-                ctx,
-                semaphore,
-                not_ready(semaphore, &key, reason::INDEX_UNREACHABLE, &message),
-            )
-            .await?;
+            let why = match Category::of_lock_error(&e) {
+                Category::ReadOnly => reason::INDEX_READ_ONLY,
+                Category::Document => reason::UNREADABLE_LOCK,
+                Category::Kind => reason::KIND_MISMATCH,
+                _ => reason::INDEX_UNREACHABLE,
+            };
+            write(ctx, semaphore, not_ready(semaphore, &key, why, &message)).await?;
             Err(Error::Lock(e))
         }
     }

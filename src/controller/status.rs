@@ -38,6 +38,7 @@ pub mod reason {
     pub const REACHABLE: &str = "Reachable";
     pub const INDEX_UNREACHABLE: &str = "IndexUnreachable";
     pub const FENCING_UNPROVEN: &str = "FencingUnproven";
+    pub const INDEX_READ_ONLY: &str = "IndexReadOnly";
     /// The lock document of this key is in a shape the engine cannot read.
     pub const UNREADABLE_LOCK: &str = "UnreadableLock";
 }

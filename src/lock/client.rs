@@ -18,8 +18,8 @@ use super::model::{
     AcquireRequest, Grant, Lock, LockDocument, RawLock, implied_fencing, normalize_metadata, to_lock, validate_ttl,
 };
 use super::scripts;
-use super::semaphore::{semaphore_key, semaphore_limit};
-use super::transport::{Answer, expect_success, send_with_retry};
+use super::semaphore::{semaphore_key, semaphore_limit, unknown_kind};
+use super::transport::{Answer, expect_success, script_failure, send_with_retry};
 use crate::engine::EngineArgs;
 
 /// How often the engine re-runs a script whose document changed under it.
@@ -158,7 +158,7 @@ impl LockClient {
             if let Some(limit) = semaphore_limit(&answer.body["get"]["_source"]) {
                 return Err(semaphore_key(&req.lock_id, limit, "acquire permits with --permits"));
             }
-            let doc = answer_document("acquire", &answer)?;
+            let doc = answer_document(&req.lock_id, &answer)?;
             let (seq_no, primary_term) = answer_version("acquire", &answer)?;
             match answer.body["result"].as_str() {
                 Some("created" | "updated") => {
@@ -231,6 +231,11 @@ impl LockClient {
                 tracing::warn!(%index, %reason, "the lock index is gone; nothing to release");
                 return self.forget_if_unproven(Ok(false)).await;
             }
+            // a kind this version does not know holds no token of ours
+            Err(LockError::KindMismatch { message, .. }) => {
+                tracing::debug!(lock_id, %message, "nothing of ours to release");
+                return Ok(false);
+            }
             other => other?,
         };
         if answer.status == StatusCode::NOT_FOUND {
@@ -259,9 +264,9 @@ impl LockClient {
             let hint = format!("read it with `lockctl semaphore get {lock_id}`");
             return Err(semaphore_key(lock_id, limit, &hint));
         }
-        let document: LockDocument = serde_json::from_value(stored.source).map_err(|e| LockError::Response {
-            operation: "get",
-            message: format!("lock document {lock_id:?}: {e}"),
+        let document: LockDocument = serde_json::from_value(stored.source).map_err(|e| LockError::Malformed {
+            lock_id: lock_id.to_string(),
+            message: e.to_string(),
         })?;
         Ok(Some(RawLock {
             document,
@@ -292,6 +297,9 @@ impl LockClient {
             return Ok(None);
         }
         expect_success(operation, &answer)?;
+        if let Some(e) = unknown_kind(lock_id, &answer.body["_source"]) {
+            return Err(e);
+        }
         let (seq_no, primary_term) = answer_version(operation, &answer)?;
         Ok(Some(StoredSource {
             source: answer.body["_source"].clone(),
@@ -338,6 +346,15 @@ impl LockClient {
                 }))
                 .await;
         }
+        if let Some(message) = script_failure(&answer) {
+            return Err(LockError::Malformed {
+                lock_id: lock_id.to_string(),
+                message,
+            });
+        }
+        if let Some(e) = unknown_kind(lock_id, &answer.body["get"]["_source"]) {
+            return Err(e);
+        }
         Ok(answer)
     }
 
@@ -358,10 +375,10 @@ fn index_gone(state: &IndexState) -> LockError {
 }
 
 /// The lock document in an update answer (`_source: true`).
-fn answer_document(operation: &'static str, answer: &Answer) -> Result<LockDocument, LockError> {
-    serde_json::from_value(answer.body["get"]["_source"].clone()).map_err(|e| LockError::Response {
-        operation,
-        message: format!("lock document: {e}"),
+fn answer_document(lock_id: &str, answer: &Answer) -> Result<LockDocument, LockError> {
+    serde_json::from_value(answer.body["get"]["_source"].clone()).map_err(|e| LockError::Malformed {
+        lock_id: lock_id.to_string(),
+        message: e.to_string(),
     })
 }
 

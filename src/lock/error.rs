@@ -59,6 +59,22 @@ pub enum LockError {
     /// A permit request for a key that has no semaphore.
     #[error("lock {lock_id:?} has no semaphore: create it first (lockctl semaphore set {lock_id} --limit N)")]
     NoSemaphore { lock_id: String },
+    /// A lock document this version cannot use: edited by hand into a wrong
+    /// shape (a script failed on it, or it does not parse). Nothing is
+    /// granted on it, and nothing else is hurt, until it is fixed or deleted.
+    #[error(
+        "lock document {lock_id:?} has a shape this version cannot use ({message}); nothing is granted on it until it is fixed or deleted"
+    )]
+    Malformed { lock_id: String, message: String },
+    /// The lock index refuses writes (`index.blocks.write`/`read_only`, or
+    /// the disk flood-stage watermark's read-only-allow-delete block): no
+    /// lock can be granted, renewed or released until it is writable again.
+    #[error("lock index is read-only, {operation} refused: {reason}; {hint}")]
+    ReadOnly {
+        operation: &'static str,
+        reason: String,
+        hint: &'static str,
+    },
     /// The connection settings are malformed.
     #[error(transparent)]
     Config(#[from] ConfigError),
@@ -86,6 +102,8 @@ impl LockError {
             LockError::Index { .. } => "index",
             LockError::Config(_) => "config",
             LockError::KindMismatch { .. } | LockError::NoSemaphore { .. } => "kind",
+            LockError::Malformed { .. } => "document",
+            LockError::ReadOnly { .. } => "read_only",
         }
     }
 }

@@ -33,11 +33,12 @@
 /// caller's token; otherwise a noop. A same-token re-acquire of a grant whose
 /// fencing token is not stored yet is a noop too unless it brings the token
 /// (`params.fencingToken`): the client then pins it with `if_seq_no`.
-/// A semaphore document is never taken (a noop the client reports).
+/// A semaphore document, or one of a kind this version does not know, is
+/// never taken (a noop the client reports).
 pub const ACQUIRE: &str = r#"
 long now = System.currentTimeMillis();
 def src = ctx._source;
-boolean semaphore = src.kind == 'semaphore';
+boolean semaphore = src.kind != null;
 boolean mine = src.token != null && src.token == params.token;
 boolean free = ctx.op == 'create' || src.expiresAt == null
     || Instant.parse(src.expiresAt.toString()).toEpochMilli() <= now;
@@ -61,7 +62,8 @@ if (semaphore || (mine && src.fencingToken == null && params.fencingToken == nul
 "#;
 
 /// Deletes the document only if it carries the caller's token; on a
-/// semaphore, removes the caller's holder entry (expired or not).
+/// semaphore, removes the caller's holder entry (expired or not). A kind this
+/// version does not know is left alone.
 pub const RELEASE: &str = r#"
 def src = ctx._source;
 if (src.kind == 'semaphore') {
@@ -79,7 +81,7 @@ if (src.kind == 'semaphore') {
   } else {
     ctx.op = 'noop';
   }
-} else if (src.token != null && src.token == params.token) {
+} else if (src.kind == null && src.token != null && src.token == params.token) {
   ctx.op = 'delete';
 } else {
   ctx.op = 'noop';
@@ -106,7 +108,7 @@ if (src.kind == 'semaphore') {
     ctx.op = 'noop';
   }
 } else {
-  boolean mine = src.token != null && src.token == params.token;
+  boolean mine = src.kind == null && src.token != null && src.token == params.token;
   boolean live = src.expiresAt != null
       && Instant.parse(src.expiresAt.toString()).toEpochMilli() > now;
   if (mine && live) {
@@ -122,15 +124,16 @@ if (src.kind == 'semaphore') {
 
 /// Creates the semaphore (also over a mutex document whose lease ran out)
 /// or sets its limit; holders keep their permits. A live mutex is left alone
-/// (a noop the client reports). `params.fence`, sent only with `if_seq_no`,
+/// (a noop the client reports), so is a kind this version does not know.
+/// `params.fence`, sent only with `if_seq_no`,
 /// pins an absent `fence`. Nothing changed: a noop.
 pub const SEMAPHORE_SET: &str = r#"
 long now = System.currentTimeMillis();
 def src = ctx._source;
-boolean semaphore = src.kind == 'semaphore';
+boolean semaphore = src.kind != null;
 boolean liveMutex = !semaphore && ctx.op != 'create' && src.expiresAt != null
     && Instant.parse(src.expiresAt.toString()).toEpochMilli() > now;
-if (liveMutex) {
+if (liveMutex || (!semaphore && src.kind != null)) {
   ctx.op = 'noop';
 } else {
   boolean changed = false;

@@ -172,10 +172,10 @@ struct SemaphoreDocument {
 }
 
 impl SemaphoreDocument {
-    fn parse(operation: &'static str, lock_id: &str, source: &Value) -> Result<Self, LockError> {
-        serde_json::from_value(source.clone()).map_err(|e| LockError::Response {
-            operation,
-            message: format!("semaphore document {lock_id:?}: {e}"),
+    fn parse(lock_id: &str, source: &Value) -> Result<Self, LockError> {
+        serde_json::from_value(source.clone()).map_err(|e| LockError::Malformed {
+            lock_id: lock_id.to_string(),
+            message: format!("as a semaphore: {e}"),
         })
     }
 
@@ -188,6 +188,19 @@ impl SemaphoreDocument {
             holders: self.holders.into_iter().filter(|h| !h.is_expired_at(now)).collect(),
         }
     }
+}
+
+/// A document whose `kind` this version does not know (a newer version's
+/// kind of lock): every script leaves it untouched, and every call on its
+/// key is refused with this.
+pub(super) fn unknown_kind(lock_id: &str, source: &Value) -> Option<LockError> {
+    let kind = &source["kind"];
+    (!kind.is_null() && kind != "semaphore").then(|| LockError::KindMismatch {
+        lock_id: lock_id.to_string(),
+        message: format!(
+            "its document has kind {kind}, which this version does not know (written by a newer kube-lock-manager?); it is left untouched"
+        ),
+    })
 }
 
 /// The limit of a stored semaphore document; `None` for a mutex document.
@@ -297,7 +310,7 @@ impl LockClient {
                     },
                 });
             }
-            let doc = SemaphoreDocument::parse("semaphore set", lock_id, source)?;
+            let doc = SemaphoreDocument::parse(lock_id, source)?;
             if doc.fence.is_none() {
                 let version = answer_version("semaphore set", &answer)?;
                 pin = Some((implied_fencing(state.fencing_floor, version.0), version));
@@ -321,7 +334,7 @@ impl LockClient {
                 None => Ok(None),
             };
         }
-        let doc = SemaphoreDocument::parse("semaphore get", lock_id, &stored.source)?;
+        let doc = SemaphoreDocument::parse(lock_id, &stored.source)?;
         Ok(Some(doc.live_at(lock_id, Utc::now())))
     }
 
@@ -341,7 +354,7 @@ impl LockClient {
         match answer.body["result"].as_str() {
             Some("deleted") => Ok(RetireOutcome::Deleted),
             Some("noop") if semaphore_limit(answer_source(&answer)).is_some() => {
-                let doc = SemaphoreDocument::parse("semaphore delete", lock_id, answer_source(&answer))?;
+                let doc = SemaphoreDocument::parse(lock_id, answer_source(&answer))?;
                 Ok(RetireOutcome::Held(doc.live_at(lock_id, Utc::now())))
             }
             Some("noop") => Ok(RetireOutcome::Missing),
@@ -444,7 +457,7 @@ impl LockClient {
                     },
                 });
             }
-            let doc = SemaphoreDocument::parse("acquire permits", lock_id, source)?;
+            let doc = SemaphoreDocument::parse(lock_id, source)?;
             let updated = answer.body["result"] == "updated";
             let ours = doc.holders.iter().find(|h| h.token == *token).cloned();
             match ours {

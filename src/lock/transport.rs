@@ -52,7 +52,11 @@ where
             Ok(response) => {
                 let status = response.status_code();
                 match response.text().await {
-                    Ok(text) if is_transient_status(status) => format!("HTTP {status}: {}", short(&text)),
+                    // a 429 that is a block (the disk flood stage) does not pass by
+                    // retrying; a 503 block (no cluster manager elected yet) does
+                    Ok(text) if is_transient_status(status) && !(status.as_u16() == 429 && text.contains(BLOCKED)) => {
+                        format!("HTTP {status}: {}", short(&text))
+                    }
                     Ok(text) => {
                         let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
                         return Ok(Answer { status, body });
@@ -102,15 +106,63 @@ pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
     text
 }
 
+/// The engine's error type for an index (or cluster) that refuses writes.
+const BLOCKED: &str = "cluster_block_exception";
+
 /// Turns a non-2xx answer into an error that names the engine's reason.
 pub(crate) fn expect_success(operation: &'static str, answer: &Answer) -> Result<(), LockError> {
     if answer.status.is_success() {
         return Ok(());
     }
+    if answer.error_type() == Some(BLOCKED) && matches!(answer.status.as_u16(), 403 | 429) {
+        let reason = engine_reason(&answer.body).trim_end_matches(';').to_string();
+        let hint = if reason.contains("read-only-allow-delete") || reason.contains("flood") {
+            "free disk space on the search nodes: the engine lifts the block when usage drops below the high watermark"
+        } else {
+            "an admin must make it writable again (remove index.blocks.write / index.blocks.read_only from the index settings)"
+        };
+        return Err(LockError::ReadOnly {
+            operation,
+            reason,
+            hint,
+        });
+    }
     Err(LockError::Engine {
         operation,
         status: answer.status.as_u16(),
         reason: engine_reason(&answer.body),
+    })
+}
+
+/// What a lock script failed on, when the engine says a script failed (the
+/// document's shape is not the one the script expects): the innermost cause
+/// and the script line it failed at.
+pub(crate) fn script_failure(answer: &Answer) -> Option<String> {
+    let script = &answer.body["error"]["caused_by"];
+    if answer.status != StatusCode::BAD_REQUEST || script["type"] != "script_exception" {
+        return None;
+    }
+    let mut cause = script;
+    while cause["caused_by"].is_object() {
+        cause = &cause["caused_by"];
+    }
+    let what = format!(
+        "{}: {}",
+        cause["type"].as_str().unwrap_or("error"),
+        cause["reason"].as_str().unwrap_or("runtime error")
+    );
+    // the stack's line with the script's own code comes before the "^---- HERE" marker
+    let stack: Vec<&str> = script["script_stack"]
+        .as_array()
+        .map_or(Vec::new(), |lines| lines.iter().filter_map(Value::as_str).collect());
+    let at = stack
+        .iter()
+        .position(|line| line.contains("^---- HERE"))
+        .and_then(|i| i.checked_sub(1))
+        .map(|i| stack[i].split_whitespace().collect::<Vec<_>>().join(" "));
+    Some(match at {
+        Some(at) => format!("{what}, at `{at}`"),
+        None => what,
     })
 }
 
@@ -153,5 +205,52 @@ mod tests {
         };
         assert!(index.index_missing());
         assert!(!document.index_missing());
+    }
+
+    #[test]
+    fn a_failed_lock_script_names_the_cause_and_the_line_on_one_line() {
+        let answer = Answer {
+            status: StatusCode::BAD_REQUEST,
+            body: json!({"error": {"type": "illegal_argument_exception", "reason": "failed to execute script",
+                "caused_by": {"type": "script_exception", "reason": "runtime error",
+                    "script_stack": ["java.time.Instant.parse(Instant.java:397)", "x = Instant.parse(\n  src.expiresAt);", "    ^---- HERE"],
+                    "caused_by": {"type": "date_time_parse_exception", "reason": "Text '1' could not be parsed"}}}}),
+        };
+        assert_eq!(
+            script_failure(&answer).unwrap(),
+            "date_time_parse_exception: Text '1' could not be parsed, at `x = Instant.parse( src.expiresAt);`"
+        );
+        let conflict = Answer {
+            status: StatusCode::CONFLICT,
+            body: json!({"error": {"type": "version_conflict_engine_exception"}}),
+        };
+        assert_eq!(script_failure(&conflict), None);
+    }
+
+    #[test]
+    fn a_blocked_index_is_read_only_with_a_hint_for_its_cause() {
+        let blocked = |status: StatusCode, block: &str| Answer {
+            status,
+            body: json!({"error": {"type": "cluster_block_exception",
+                "reason": format!("index [kube-locks-000001] blocked by: [{block}];")}}),
+        };
+        let admin = expect_success(
+            "acquire",
+            &blocked(StatusCode::FORBIDDEN, "FORBIDDEN/8/index write (api)"),
+        );
+        let disk = expect_success(
+            "extend",
+            &blocked(
+                StatusCode::TOO_MANY_REQUESTS,
+                "TOO_MANY_REQUESTS/12/disk usage exceeded flood-stage watermark, index has read-only-allow-delete block",
+            ),
+        );
+        match (admin.unwrap_err(), disk.unwrap_err()) {
+            (LockError::ReadOnly { hint: a, reason, .. }, LockError::ReadOnly { hint: d, .. }) => {
+                assert!(a.contains("index.blocks.write") && d.contains("free disk space"));
+                assert!(!reason.ends_with(';'), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }
