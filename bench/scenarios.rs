@@ -231,6 +231,8 @@ struct Bench {
     run: String,
     quick: bool,
     observer: Arc<Observer>,
+    /// Every namespace a scenario made, to clean up at the end.
+    namespaces: Mutex<Vec<String>>,
 }
 
 impl Bench {
@@ -240,7 +242,53 @@ impl Bench {
         let mut object = Namespace::default();
         object.metadata.name = Some(ns.clone());
         api.create(&PostParams::default(), &object).await.unwrap();
+        self.namespaces.lock().unwrap().push(ns.clone());
         ns
+    }
+
+    /// Deletes every request the scenarios made while the operator still runs
+    /// (its finalizer releases their locks, so nothing is left held in the
+    /// index), waits until they are gone, then deletes their namespaces.
+    async fn clean_up(&self) {
+        let namespaces = self.namespaces.lock().unwrap().clone();
+        let deadline = Instant::now() + Duration::from_secs(300);
+        for ns in &namespaces {
+            let api: Api<DistributedLock> = Api::namespaced(self.client.clone(), ns);
+            let _ = api
+                .delete_collection(&DeleteParams::default(), &Default::default())
+                .await;
+            let jobs: Api<Job> = Api::namespaced(self.client.clone(), ns);
+            let _ = jobs
+                .delete_collection(&DeleteParams::background(), &Default::default())
+                .await;
+        }
+        for ns in &namespaces {
+            let api: Api<DistributedLock> = Api::namespaced(self.client.clone(), ns);
+            while Instant::now() < deadline
+                && api
+                    .list(&Default::default())
+                    .await
+                    .is_ok_and(|list| !list.items.is_empty())
+            {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+        let left: usize = futures::future::join_all(namespaces.iter().map(|ns| {
+            let api: Api<DistributedLock> = Api::namespaced(self.client.clone(), ns);
+            async move { api.list(&Default::default()).await.map_or(0, |l| l.items.len()) }
+        }))
+        .await
+        .into_iter()
+        .sum();
+        let api: Api<Namespace> = Api::all(self.client.clone());
+        for ns in &namespaces {
+            let _ = api.delete(ns, &DeleteParams::default()).await;
+        }
+        if left > 0 {
+            eprintln!("bench: {left} requests were still not released after 300 s; left in place");
+        } else {
+            eprintln!("bench: cleaned up {} namespaces and their requests", namespaces.len());
+        }
     }
 
     fn n(&self, full: usize, quick: usize) -> usize {
@@ -619,6 +667,7 @@ async fn main() {
         run,
         quick,
         observer,
+        namespaces: Mutex::new(Vec::new()),
     };
 
     let mut rows = Vec::new();
@@ -668,6 +717,8 @@ async fn main() {
             "goal ≥ 20",
         ));
     }
+    bench.clean_up().await;
+    drop(operator);
     print_table(&rows);
     let machine = format!(
         "{} cores, {} ",
