@@ -3,7 +3,6 @@ package dev.lockmanager.testenv;
 import java.nio.file.Files;
 import java.nio.file.Path;
 import java.util.Collections;
-import java.util.List;
 import java.util.concurrent.CountDownLatch;
 
 import org.opensearch.common.logging.LogConfigurator;
@@ -11,23 +10,18 @@ import org.opensearch.common.settings.Settings;
 import org.opensearch.env.Environment;
 import org.opensearch.node.InternalSettingsPreparer;
 import org.opensearch.node.Node;
-import org.opensearch.painless.PainlessPlugin;
-import org.opensearch.plugins.Plugin;
-import org.opensearch.transport.Netty4Plugin;
 
 /**
  * A single OpenSearch node with the Netty4 transport and the painless scripting
  * language loaded from the classpath: the same code as a distribution, started
- * without the distribution's launcher.
+ * without the distribution's launcher. How the plugins are handed to the node
+ * differs between the 2.x and 3.x lines: see PluginNode under src/opensearch2
+ * and src/opensearch3 (the Maven profile opensearch3 picks the latter).
  *
  * Usage: TestNode HOME_DIR HTTP_PORT TRANSPORT_PORT
  */
-public final class TestNode extends Node {
-    private static final List<Class<? extends Plugin>> PLUGINS = List.of(Netty4Plugin.class, PainlessPlugin.class);
-
-    private TestNode(Environment environment) {
-        super(environment, PLUGINS, true);
-    }
+public final class TestNode {
+    private TestNode() {}
 
     public static void main(String[] args) throws Exception {
         if (args.length != 3) {
@@ -57,7 +51,7 @@ public final class TestNode extends Node {
         LogConfigurator.configureWithoutConfig(settings);
         Environment environment = InternalSettingsPreparer.prepareEnvironment(
             settings, Collections.emptyMap(), home.resolve("config"), () -> "testenv");
-        TestNode node = new TestNode(environment);
+        Node node = new PluginNode(environment);
         CountDownLatch stopped = new CountDownLatch(1);
         Runtime.getRuntime().addShutdownHook(new Thread(() -> {
             try {
