@@ -226,3 +226,65 @@ impl EngineErrorCategory for crate::lock::LockError {
         crate::lock::LockError::category(self)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The chart's Grafana dashboard queries only metrics this operator
+    /// exports (a renamed metric would leave a panel silently empty).
+    #[test]
+    fn the_grafana_dashboard_queries_only_metrics_we_export() {
+        // a labelled family is exported once it has a child
+        let metrics = Metrics::default();
+        metrics.grants.get_or_create(&KindLabels { kind: "mutex" }).inc();
+        metrics
+            .engine_request_seconds
+            .get_or_create(&OperationLabels { operation: "acquire" })
+            .observe(0.01);
+        let error = ErrorLabels {
+            operation: "acquire",
+            category: "unavailable",
+        };
+        metrics.engine_errors.get_or_create(&error).inc();
+        metrics
+            .reconcile_errors
+            .get_or_create(&CategoryLabels { category: "kube" })
+            .inc();
+        let exported: Vec<String> = metrics
+            .encode()
+            .lines()
+            .filter_map(|line| line.strip_prefix("# TYPE "))
+            .filter_map(|line| line.split_whitespace().next())
+            .map(str::to_string)
+            .collect();
+        let dashboard = include_str!("../charts/kube-lock-manager/dashboards/kube-lock-manager.json");
+        let dashboard: serde_json::Value = serde_json::from_str(dashboard).expect("the dashboard is JSON");
+        let mut queried = Vec::new();
+        for panel in dashboard["panels"].as_array().unwrap() {
+            for target in panel["targets"].as_array().unwrap() {
+                let expr = target["expr"].as_str().unwrap();
+                let mut rest = expr;
+                while let Some(at) = rest.find("lockmanager_") {
+                    let name: String = rest[at..]
+                        .chars()
+                        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                        .collect();
+                    rest = &rest[at + name.len()..];
+                    queried.push(name);
+                }
+            }
+        }
+        assert!(queried.len() >= 10, "{queried:?}");
+        for name in queried {
+            let family = ["_bucket", "_total", "_sum", "_count"]
+                .iter()
+                .find_map(|suffix| name.strip_suffix(suffix))
+                .unwrap_or(&name);
+            assert!(
+                exported.iter().any(|e| e == family),
+                "the dashboard queries {name}, which is not exported"
+            );
+        }
+    }
+}

@@ -151,6 +151,16 @@ rendered() {
     kc create --dry-run=client -f - -o "jsonpath=$2"
 }
 
+# The dashboard ConfigMap with grafanaDashboard.enabled: its label, and the
+# title and panel count of the JSON it carries (the metric names it queries
+# are checked by a unit test in src/metrics.rs).
+dashboard_configmap() {
+  local label
+  label="$(rendered --set grafanaDashboard.enabled=true -- templates/grafana-dashboard.yaml '{.metadata.labels.grafana_dashboard}')"
+  rendered --set grafanaDashboard.enabled=true -- templates/grafana-dashboard.yaml '{.data.kube-lock-manager\.json}' |
+    python3 -c 'import json, sys; d = json.load(sys.stdin); print(sys.argv[1], d["uid"], len(d["panels"]))' "$label"
+}
+
 # render FILE VALUES_ARGS...: the release's manifests into FILE.
 render() {
   local file="$1"
@@ -284,6 +294,9 @@ expect "an IPv6 http.address is bracketed" "--http-addr=[::1]:8081" \
   '{.spec.template.spec.containers[0].args[?(@=="--http-addr=[::1]:8081")]}'
 not_rendered "no PodDisruptionBudget for a single replica (it would block every drain)" templates/pdb.yaml --set replicaCount=1
 not_rendered "no ServiceMonitor by default" templates/servicemonitor.yaml
+not_rendered "no Grafana dashboard by default" templates/grafana-dashboard.yaml
+expect "grafanaDashboard.enabled: a ConfigMap with the sidecar's label and the dashboard" "1 kube-lock-manager 8" \
+  dashboard_configmap
 
 # --- bad values -------------------------------------------------------------------
 rejects 'replicaCount: "two"' "replicaCount.*want integer" 'replicaCount: "two"'
@@ -300,6 +313,7 @@ rejects "an unknown dnsPolicy" "/dnsPolicy" 'dnsPolicy: ClusterLast'
 rejects "an extra volume mount without mountPath" "missing property 'mountPath'" 'extraVolumeMounts: [{name: scratch}]'
 rejects "an extra container without a name" "missing property 'name'" 'extraContainers: [{image: x}]'
 rejects "a misspelt http key (host)" "additional properties 'host'" 'http: {host: 127.0.0.1}'
+rejects "a dashboard namespace that is not a name" "/grafanaDashboard/namespace" 'grafanaDashboard: {namespace: "Not A Name"}'
 rejects "2 replicas without leader election" "needs leaderElection.enabled=true" \
   'leaderElection: {enabled: false}'
 
