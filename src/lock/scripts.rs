@@ -242,3 +242,75 @@ if (src.kind != 'semaphore') {
   }
 }
 "#;
+
+#[cfg(test)]
+mod tests {
+    /// Every script above, by the name testenv/elasticsearch/scripts.sha256 gives it.
+    const ALL: &[(&str, &str)] = &[
+        ("ACQUIRE", super::ACQUIRE),
+        ("RELEASE", super::RELEASE),
+        ("EXTEND", super::EXTEND),
+        ("SEMAPHORE_SET", super::SEMAPHORE_SET),
+        ("SEMAPHORE_DELETE", super::SEMAPHORE_DELETE),
+        ("ACQUIRE_PERMITS", super::ACQUIRE_PERMITS),
+    ];
+
+    fn sha256(text: &str) -> String {
+        ring::digest::digest(&ring::digest::SHA256, text.as_bytes())
+            .as_ref()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
+    #[test]
+    fn every_script_constant_is_listed() {
+        let declared: Vec<&str> = include_str!("scripts.rs")
+            .lines()
+            .filter_map(|line| line.strip_prefix("pub const "))
+            .filter_map(|rest| rest.strip_suffix(": &str = r#\""))
+            .collect();
+        let listed: Vec<&str> = ALL.iter().map(|(name, _)| *name).collect();
+        assert_eq!(
+            declared, listed,
+            "a script was added or removed: list it in ALL (and see the next test)"
+        );
+    }
+
+    /// The Elasticsearch 8/9 test engines have no painless: a Java stand-in
+    /// runs each script by the hash of its exact text. A changed script must
+    /// fail here, not run the old semantics there.
+    #[test]
+    fn the_elasticsearch_8_and_9_stand_in_knows_every_script_as_it_is() {
+        let file = include_str!("../../testenv/elasticsearch/scripts.sha256");
+        let recorded: Vec<(&str, &str)> = file
+            .lines()
+            .map(str::trim)
+            .filter(|line| !line.is_empty() && !line.starts_with('#'))
+            .filter_map(|line| line.split_once(char::is_whitespace))
+            .map(|(hash, name)| (name.trim(), hash))
+            .collect();
+        let expected: Vec<(&str, String)> = ALL.iter().map(|(name, source)| (*name, sha256(source))).collect();
+        let lines: String = expected
+            .iter()
+            .map(|(name, hash)| format!("{hash}  {name}\n"))
+            .collect();
+        for (name, hash) in &expected {
+            let found = recorded.iter().find(|(n, _)| n == name).map(|(_, h)| *h);
+            assert_eq!(
+                found,
+                Some(hash.as_str()),
+                "the painless script {name} changed (or is new): the Elasticsearch 8/9 test engine's stand-in \
+                 runs only the texts it was written for. Rewrite {name} in \
+                 testenv/elasticsearch/src/main/java/dev/lockmanager/testenv/LockScripts.java to match, then \
+                 give testenv/elasticsearch/scripts.sha256 these lines:\n{lines}"
+            );
+        }
+        assert_eq!(
+            recorded.len(),
+            expected.len(),
+            "testenv/elasticsearch/scripts.sha256 lists a script that src/lock/scripts.rs no longer has; \
+             its lines should be:\n{lines}"
+        );
+    }
+}

@@ -166,6 +166,9 @@ pub(crate) fn script_failure(answer: &Answer) -> Option<String> {
     })
 }
 
+/// The error's type and reason, and its innermost cause's when it has one
+/// ("illegal_argument_exception: failed to execute script" says little; the
+/// script's own failure is in `caused_by`).
 fn engine_reason(body: &Value) -> String {
     let error = &body["error"];
     let root = &error["root_cause"][0];
@@ -174,10 +177,18 @@ fn engine_reason(body: &Value) -> String {
         let reason = v["reason"].as_str().unwrap_or_default();
         (!kind.is_empty() || !reason.is_empty()).then(|| format!("{kind}: {reason}"))
     };
-    pick(error)
+    let mut innermost = &error["caused_by"];
+    while innermost["caused_by"].is_object() {
+        innermost = &innermost["caused_by"];
+    }
+    let reason = pick(error)
         .or_else(|| pick(root))
         .or_else(|| error.as_str().map(str::to_string))
-        .unwrap_or_else(|| short(&body.to_string()))
+        .unwrap_or_else(|| short(&body.to_string()));
+    match pick(innermost) {
+        Some(cause) => format!("{reason} (caused by {cause})"),
+        None => reason,
+    }
 }
 
 #[cfg(test)]
@@ -191,6 +202,20 @@ mod tests {
         let body = json!({"error": {"type": "version_conflict_engine_exception", "reason": "boom"}, "status": 409});
         assert_eq!(engine_reason(&body), "version_conflict_engine_exception: boom");
         assert_eq!(engine_reason(&json!("plain")), "\"plain\"");
+    }
+
+    #[test]
+    fn engine_reason_names_the_innermost_cause() {
+        let body = json!({"error": {
+            "type": "illegal_argument_exception", "reason": "failed to execute script",
+            "caused_by": {"type": "script_exception", "reason": "runtime error",
+                "caused_by": {"type": "date_time_parse_exception", "reason": "Text 'soon' could not be parsed"}}
+        }, "status": 400});
+        assert_eq!(
+            engine_reason(&body),
+            "illegal_argument_exception: failed to execute script \
+             (caused by date_time_parse_exception: Text 'soon' could not be parsed)"
+        );
     }
 
     #[test]
