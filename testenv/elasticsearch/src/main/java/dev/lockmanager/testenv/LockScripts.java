@@ -39,7 +39,7 @@ final class LockScripts {
 
     static void acquire(Map<String, Object> ctx, Map<String, Object> params, long now) {
         Map<String, Object> src = source(ctx);
-        boolean semaphore = eq(src.get("kind"), "semaphore");
+        boolean semaphore = src.get("kind") != null;
         boolean mine = src.get("token") != null && eq(src.get("token"), params.get("token"));
         boolean free = eq(ctx.get("op"), "create") || src.get("expiresAt") == null
             || millis(src.get("expiresAt")) <= now;
@@ -79,7 +79,7 @@ final class LockScripts {
             } else {
                 ctx.put("op", "noop");
             }
-        } else if (src.get("token") != null && eq(src.get("token"), params.get("token"))) {
+        } else if (src.get("kind") == null && src.get("token") != null && eq(src.get("token"), params.get("token"))) {
             ctx.put("op", "delete");
         } else {
             ctx.put("op", "noop");
@@ -101,7 +101,8 @@ final class LockScripts {
                 ctx.put("op", "noop");
             }
         } else {
-            boolean mine = src.get("token") != null && eq(src.get("token"), params.get("token"));
+            boolean mine = src.get("kind") == null && src.get("token") != null
+                && eq(src.get("token"), params.get("token"));
             boolean live = src.get("expiresAt") != null && millis(src.get("expiresAt")) > now;
             if (mine && live) {
                 src.put("expiresAt", Instant.ofEpochMilli(now).plusMillis(defToLong(params.get("ttl"))).toString());
@@ -119,7 +120,7 @@ final class LockScripts {
         boolean semaphore = eq(src.get("kind"), "semaphore");
         boolean liveMutex = !semaphore && !eq(ctx.get("op"), "create") && src.get("expiresAt") != null
             && millis(src.get("expiresAt")) > now;
-        if (liveMutex) {
+        if (liveMutex || (!semaphore && src.get("kind") != null)) {
             ctx.put("op", "noop");
         } else {
             boolean changed = false;
