@@ -13,11 +13,11 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{CustomResourceExt, ResourceExt};
 use kube_lock_manager::crd::{DistributedLock, Phase};
 use kube_lock_manager::engine::EngineArgs;
@@ -91,8 +91,13 @@ impl Observer {
         let observer = Arc::new(Self::default());
         let seen = observer.clone();
         tokio::spawn(async move {
-            let mut events = watcher::watcher(api, watcher::Config::default()).boxed();
-            while let Ok(Some(event)) = events.try_next().await {
+            // a watch error (e.g. its resourceVersion expired under load) is
+            // retried with backoff, not the end of the observer
+            let mut events = watcher::watcher(api, watcher::Config::default())
+                .default_backoff()
+                .boxed();
+            while let Some(event) = events.next().await {
+                let Ok(event) = event else { continue };
                 if let watcher::Event::Apply(lock) | watcher::Event::InitApply(lock) = event {
                     let granted = lock.status.as_ref().and_then(|s| s.phase) == Some(Phase::Granted);
                     if granted {
@@ -409,8 +414,11 @@ impl Bench {
         let (seen_tx, mut seen) = tokio::sync::watch::channel(-1i64);
         let watched = api.clone();
         let watch = tokio::spawn(async move {
-            let mut events = watcher::watcher(watched, watcher::Config::default()).boxed();
-            while let Ok(Some(event)) = events.try_next().await {
+            let mut events = watcher::watcher(watched, watcher::Config::default())
+                .default_backoff()
+                .boxed();
+            while let Some(event) = events.next().await {
+                let Ok(event) = event else { continue };
                 if let watcher::Event::Apply(lock) | watcher::Event::InitApply(lock) = event {
                     let n = lock.status.and_then(|s| s.waiting_position).unwrap_or(-1);
                     let _ = seen_tx.send(i64::from(n));
