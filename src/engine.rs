@@ -8,7 +8,7 @@ use clap::Args;
 use elasticsearch::Elasticsearch;
 use elasticsearch::auth::Credentials;
 use elasticsearch::cert::{Certificate, CertificateValidation};
-use elasticsearch::http::transport::{SingleNodeConnectionPool, TransportBuilder};
+use elasticsearch::http::transport::{MultiNodeConnectionPool, SingleNodeConnectionPool, TransportBuilder};
 use url::Url;
 
 /// Default lock index prefix; Kibana's own is `.kibana_locks`.
@@ -48,7 +48,9 @@ pub enum ConfigError {
 /// How to reach the lock index. Flattened into every command that talks to it.
 #[derive(Args, Clone, Debug)]
 pub struct EngineArgs {
-    /// URL of the Elasticsearch/OpenSearch node holding the lock index.
+    /// URL of the Elasticsearch/OpenSearch node holding the lock index, or a
+    /// comma-separated list of a cluster's nodes: requests go round-robin, and
+    /// a request that fails to reach one node is retried on the next.
     #[arg(
         long = "es-url",
         env = "ELASTICSEARCH_URL",
@@ -112,16 +114,14 @@ impl EngineArgs {
     /// Builds a client; fails on malformed settings without contacting the engine.
     pub fn client(&self) -> Result<Elasticsearch, ConfigError> {
         validate_index_prefix(&self.index_prefix)?;
-        let url = Url::parse(&self.url).map_err(|source| ConfigError::Url {
-            url: self.url.clone(),
-            source,
-        })?;
-        if url.scheme() != "http" && url.scheme() != "https" {
-            return Err(ConfigError::Scheme(self.url.clone()));
-        }
-        let mut builder = TransportBuilder::new(SingleNodeConnectionPool::new(url))
-            .timeout(self.request_timeout)
-            .enable_meta_header(false);
+        let mut urls = parse_urls(&self.url)?;
+        let builder = if urls.len() == 1 {
+            TransportBuilder::new(SingleNodeConnectionPool::new(urls.remove(0)))
+        } else {
+            // no sniffing: the nodes listed are the ones this client may use
+            TransportBuilder::new(MultiNodeConnectionPool::round_robin(urls, None))
+        };
+        let mut builder = builder.timeout(self.request_timeout).enable_meta_header(false);
         match (&self.username, &self.password, &self.api_key) {
             (Some(_), Some(_), Some(_)) => return Err(ConfigError::TwoCredentials),
             (Some(user), Some(pass), None) => builder = builder.auth(Credentials::Basic(user.clone(), pass.clone())),
@@ -143,6 +143,23 @@ impl EngineArgs {
         let transport = builder.build().map_err(|e| ConfigError::Build(e.to_string()))?;
         Ok(Elasticsearch::new(transport))
     }
+}
+
+/// `--es-url`: one URL or a comma-separated list, each http:// or https://.
+fn parse_urls(list: &str) -> Result<Vec<Url>, ConfigError> {
+    list.split(',')
+        .map(str::trim)
+        .map(|one| {
+            let url = Url::parse(one).map_err(|source| ConfigError::Url {
+                url: one.to_string(),
+                source,
+            })?;
+            if url.scheme() != "http" && url.scheme() != "https" {
+                return Err(ConfigError::Scheme(one.to_string()));
+            }
+            Ok(url)
+        })
+        .collect()
 }
 
 /// Index names must be lowercase and cannot start with `-`, `_` or `+`.
@@ -180,6 +197,18 @@ mod tests {
             ..EngineArgs::default()
         };
         assert!(matches!(args.client(), Err(ConfigError::HalfBasicAuth)));
+    }
+
+    #[test]
+    fn a_list_of_node_urls_is_accepted_and_each_is_checked() {
+        let urls = parse_urls("http://a:9200, http://b:9200,https://c:9200").unwrap();
+        assert_eq!(urls.len(), 3);
+        assert_eq!(urls[1].host_str(), Some("b"));
+        assert!(EngineArgs::for_url("http://a:9200,http://b:9200").client().is_ok());
+        let err = EngineArgs::for_url("http://a:9200,b c").client().unwrap_err();
+        assert!(err.to_string().contains("\"b c\""), "{err}");
+        let err = EngineArgs::for_url("http://a:9200,ftp://b").client().unwrap_err();
+        assert!(matches!(err, ConfigError::Scheme(u) if u == "ftp://b"));
     }
 
     #[test]

@@ -430,7 +430,7 @@ async fn index_assets_have_the_right_mappings_and_settings_and_are_not_recreated
     let concrete = format!("{prefix}-000001");
     let index_settings = &settings[&concrete]["settings"]["index"];
     assert_eq!(index_settings["number_of_shards"], "1");
-    assert_eq!(index_settings["auto_expand_replicas"], "0-1");
+    assert_eq!(index_settings["auto_expand_replicas"], "0-2");
     assert_eq!(index_settings["hidden"], "true");
     let uuid = index_settings["uuid"].clone();
 

@@ -178,6 +178,9 @@ struct Held {
 
 /// Acquires what `want` asks for, retrying until `wait` has passed. Without
 /// a grant: one line saying why (who holds it).
+/// How often `exec` takes a lock again whose grant came back too late to rely on.
+const STALE_GRANT_ATTEMPTS: u32 = 5;
+
 async fn take(client: &LockClient, want: &Want, wait: Option<Duration>) -> Result<Result<Held, String>, CliError> {
     let wait = wait.unwrap_or_default();
     Ok(match want {
@@ -276,13 +279,42 @@ pub async fn exec(args: ExecArgs) -> Result<i32, CliError> {
         request(&args.lock_id, args.ttl, args.metadata, args.holder),
         args.permits,
     );
-    // the winning attempt's send time bounds the lease
-    let held = match take(&client, &want, args.wait).await? {
-        Ok(held) => held,
-        Err(why) => {
-            eprintln!("lockctl: could not acquire: {why}");
+    // The winning attempt's send time bounds the lease. A grant whose answer
+    // came back after that bound (a search cluster failing over: retries, a
+    // slow node) may already belong to someone else: the command must not
+    // start on it. It is taken again with the same token, which succeeds (and
+    // keeps the fencing token) only while nobody else took the lock meanwhile.
+    let deadline = args.wait.map(|wait| std::time::Instant::now() + wait);
+    let mut attempts = 0;
+    let held = loop {
+        attempts += 1;
+        let wait = deadline.map(|d| d.saturating_duration_since(std::time::Instant::now()));
+        let held = match take(&client, &want, wait).await? {
+            Ok(held) => held,
+            Err(why) => {
+                eprintln!("lockctl: could not acquire: {why}");
+                return Ok(EXIT_NOT_ACQUIRED);
+            }
+        };
+        if held.grant.sent_at + args.ttl > std::time::SystemTime::now() {
+            break held;
+        }
+        if attempts >= STALE_GRANT_ATTEMPTS {
+            client
+                .release(&held.grant.lock.lock_id, &held.grant.lock.token)
+                .await
+                .ok();
+            eprintln!(
+                "lockctl: could not acquire: each grant of {:?} came back after its {} lease could have run out (is the search engine overloaded?)",
+                held.grant.lock.lock_id,
+                crate::duration::format_duration(args.ttl)
+            );
             return Ok(EXIT_NOT_ACQUIRED);
         }
+        eprintln!(
+            "lockctl: the grant of {:?} came back after its lease could have run out; taking it again",
+            held.grant.lock.lock_id
+        );
     };
     let Grant { lock, sent_at } = held.grant;
     // renewing and releasing work alike for a mutex and a semaphore holder

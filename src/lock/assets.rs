@@ -403,8 +403,14 @@ impl IndexAssets {
     }
 }
 
+/// One shard (one `_seq_no` sequence per index, which fencing tokens rely on)
+/// with a copy on each of up to three nodes: on a cluster of three, any one
+/// node may go and every acknowledged write still has two copies (OpenSearch
+/// and Elasticsearch acknowledge a write once every in-sync copy has it, and
+/// promote only an in-sync copy); on one node there are no replicas, so
+/// nothing waits for a copy that cannot exist.
 fn index_settings() -> Value {
-    json!({"number_of_shards": 1, "auto_expand_replicas": "0-1", "hidden": true})
+    json!({"number_of_shards": 1, "auto_expand_replicas": "0-2", "hidden": true})
 }
 
 /// Bumped when [`lock_mappings`] change, so setup re-writes the component template.

@@ -536,3 +536,4 @@ pub fn leader_election_args(ns: &str, lease: &str) -> Vec<String> {
     .map(String::from)
     .to_vec()
 }
+pub mod chaos;

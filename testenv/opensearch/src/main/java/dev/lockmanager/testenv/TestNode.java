@@ -18,23 +18,31 @@ import org.opensearch.node.Node;
  * differs between the 2.x and 3.x lines: see PluginNode under src/opensearch2
  * and src/opensearch3 (the Maven profile opensearch3 picks the latter).
  *
- * Usage: TestNode HOME_DIR HTTP_PORT TRANSPORT_PORT
+ * Usage: TestNode HOME_DIR HTTP_PORT TRANSPORT_PORT [NODE_NAME SEED_HOSTS MANAGER_NODES [PUBLISH_PORT]]
+ *
+ * With the last three, the node is one of a cluster (NODE_NAME unique, SEED_HOSTS
+ * the comma-separated transport addresses of every node, MANAGER_NODES the
+ * comma-separated names that bootstrap the first election); without them it is
+ * a single-node cluster. PUBLISH_PORT is the transport port the other nodes are
+ * told to reach this one at (a proxy in front of TRANSPORT_PORT, through which
+ * a test can cut the node off).
  */
 public final class TestNode {
     private TestNode() {}
 
     public static void main(String[] args) throws Exception {
-        if (args.length != 3) {
-            System.err.println("usage: TestNode HOME_DIR HTTP_PORT TRANSPORT_PORT");
+        if (args.length != 3 && args.length != 6 && args.length != 7) {
+            System.err.println("usage: TestNode HOME_DIR HTTP_PORT TRANSPORT_PORT [NODE_NAME SEED_HOSTS MANAGER_NODES [PUBLISH_PORT]]");
             System.exit(2);
         }
         Path home = Path.of(args[0]).toAbsolutePath();
         Files.createDirectories(home.resolve("config"));
         Files.createDirectories(home.resolve("data"));
         Files.createDirectories(home.resolve("logs"));
-        Settings settings = Settings.builder()
+        boolean cluster = args.length >= 6;
+        Settings.Builder builder = Settings.builder()
             .put("cluster.name", "kube-lock-manager-test")
-            .put("node.name", "testenv")
+            .put("node.name", cluster ? args[3] : "testenv")
             .put("path.home", home.toString())
             .put("path.data", home.resolve("data").toString())
             .put("path.logs", home.resolve("logs").toString())
@@ -43,10 +51,18 @@ public final class TestNode {
             .put("transport.port", args[2])
             .put("http.type", "netty4")
             .put("transport.type", "netty4")
-            .put("discovery.type", "single-node")
             // A test machine's disk may be fuller than the default watermarks allow.
-            .put("cluster.routing.allocation.disk.threshold_enabled", false)
-            .build();
+            .put("cluster.routing.allocation.disk.threshold_enabled", false);
+        if (cluster) {
+            builder.putList("discovery.seed_hosts", List.of(args[4].split(",")))
+                .putList("cluster.initial_cluster_manager_nodes", List.of(args[5].split(",")));
+            if (args.length == 7) {
+                builder.put("transport.publish_port", args[6]);
+            }
+        } else {
+            builder.put("discovery.type", "single-node");
+        }
+        Settings settings = builder.build();
         LogConfigurator.registerErrorListener();
         LogConfigurator.configureWithoutConfig(settings);
         Environment environment = InternalSettingsPreparer.prepareEnvironment(
@@ -63,7 +79,7 @@ public final class TestNode {
             }
         }, "testenv-shutdown"));
         node.start();
-        System.out.println("testenv: OpenSearch node started, http://127.0.0.1:" + args[1]);
+        System.out.println("testenv: OpenSearch node " + settings.get("node.name") + " started, http://127.0.0.1:" + args[1]);
         stopped.await();
     }
 }
