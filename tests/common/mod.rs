@@ -537,3 +537,4 @@ pub fn leader_election_args(ns: &str, lease: &str) -> Vec<String> {
     .to_vec()
 }
 pub mod chaos;
+pub mod search;
