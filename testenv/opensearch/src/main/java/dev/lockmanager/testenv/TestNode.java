@@ -3,6 +3,7 @@ package dev.lockmanager.testenv;
 import java.nio.file.Files;
 import java.nio.file.Path;
 import java.util.Collections;
+import java.util.List;
 import java.util.concurrent.CountDownLatch;
 
 import org.opensearch.common.logging.LogConfigurator;
