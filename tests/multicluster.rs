@@ -90,7 +90,6 @@ async fn one_holder_across_two_clusters_and_one_cluster_lost() {
     };
     let _serial = ONE_AT_A_TIME.lock().await;
     let run = common::unique("multi");
-    // short leases: a holder in the lost cluster is over after 3 s
     let a = Cluster::start(None, "multi-a", &run, &[]).await;
     let mut b = Cluster::start(Some(&kubeconfig_b), "multi-b", &run, &[]).await;
     let keys: Vec<String> = (0..3).map(|i| format!("{run}-key{i}")).collect();
@@ -153,7 +152,8 @@ async fn one_holder_across_two_clusters_and_one_cluster_lost() {
     history.fault("SIGKILL cluster B's operator and kube-apiserver");
     b.operator.kill();
     testenv(&["kill", "apiserver-b"]);
-    // B's holders' leases run out (TTL) and A goes on: A grants after that
+    // B's holders' leases (the clients take 3 s) run out and A goes on: A
+    // grants after that
     let after_leases = lost_at + TTL_MS;
     common::eventually(
         "cluster A and the exec clients to keep granting while cluster B is down",
