@@ -23,8 +23,8 @@ use kube::api::{Api, PostParams};
 use kube_lock_manager::crd::{DistributedLock, Phase};
 use serde_json::json;
 
-use common::history::{History, TTL_MS, check, crd_client, exec_client, now_ms};
-use common::{Operator, testenv};
+use common::Operator;
+use common::chaos::{History, TTL_MS, check, crd_client, exec_client, now_ms, testenv};
 
 /// The search node and the second cluster's kubeconfig, or `None` (skip)
 /// outside CI.
