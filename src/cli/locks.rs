@@ -176,11 +176,11 @@ struct Held {
     permits: Option<(u32, bool)>,
 }
 
-/// Acquires what `want` asks for, retrying until `wait` has passed. Without
-/// a grant: one line saying why (who holds it).
 /// How often `exec` takes a lock again whose grant came back too late to rely on.
 const STALE_GRANT_ATTEMPTS: u32 = 5;
 
+/// Acquires what `want` asks for, retrying until `wait` has passed. Without
+/// a grant: one line saying why (who holds it).
 async fn take(client: &LockClient, want: &Want, wait: Option<Duration>) -> Result<Result<Held, String>, CliError> {
     let wait = wait.unwrap_or_default();
     Ok(match want {
