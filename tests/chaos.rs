@@ -23,6 +23,7 @@ fn checker_finds_overlaps_and_stale_fencing_tokens() {
         key: "k".into(),
         client: client.into(),
         fencing,
+        requested: start,
         start,
         end,
         paused_at: None,
@@ -49,6 +50,7 @@ fn checker_counts_the_holders_of_a_semaphore() {
         key: "s".into(),
         client: "c".into(),
         fencing,
+        requested: start,
         start,
         end,
         paused_at: None,
@@ -64,6 +66,14 @@ fn checker_counts_the_holders_of_a_semaphore() {
     assert_eq!(check(&repeated, &limits).len(), 1);
     let backwards = [hold(2, 0.0, 10.0), hold(1, 10.0, 15.0)];
     assert_eq!(check(&backwards, &limits).len(), 1);
+    // a holder that saw its earlier grant late (after a later-granted holder
+    // had ended) is no violation: it asked before that one ended
+    let mut late = hold(1, 50.0, 60.0);
+    late.requested = 0.0;
+    assert!(check(&[late.clone(), hold(2, 5.0, 20.0)], &limits).is_empty());
+    // asked after the other ended, and still a smaller token: a violation
+    late.requested = 30.0;
+    assert_eq!(check(&[late, hold(2, 5.0, 20.0)], &limits).len(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -81,6 +81,7 @@ fn gaps_are_measured_per_key_from_the_latest_end() {
         key: key.into(),
         client: "c".into(),
         fencing: 1,
+        requested: start,
         start,
         end,
         paused_at: None,

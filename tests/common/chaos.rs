@@ -27,6 +27,10 @@ pub struct Hold {
     pub key: String,
     pub client: String,
     pub fencing: i64,
+    /// When the client asked for it (created the request, started lockctl):
+    /// the grant came after this.
+    pub requested: f64,
+    /// When the holder saw it was granted (which lags the grant itself).
     pub start: f64,
     pub end: f64,
     /// When the holder was paused (SIGSTOP), if it was, and until when its
@@ -54,8 +58,13 @@ impl History {
 
 /// The checker: returns every violation found in the history. Keys in
 /// `limits` are semaphores (each hold takes one permit): at most that many
-/// holders at once, every fencing token unique, and a hold that starts after
-/// another ended has a larger one. Every other key is a mutex.
+/// holders at once, every fencing token unique, and a hold requested after
+/// another ended has a larger one. Every other key is a mutex: no two holds
+/// overlap, and a later hold has a larger token. (For a mutex the seen start
+/// is good enough: the next grant can only come after the previous holder's
+/// end, so holds seen in start order were granted in that order. A semaphore
+/// grants while others hold: a holder that sees its grant late can start
+/// after a later-granted holder ended, so only the request time orders them.)
 pub fn check(holds: &[Hold], limits: &HashMap<String, usize>) -> Vec<String> {
     let mut violations = Vec::new();
     let mut by_key: HashMap<&str, Vec<&Hold>> = HashMap::new();
@@ -87,9 +96,10 @@ pub fn check(holds: &[Hold], limits: &HashMap<String, usize>) -> Vec<String> {
             if tokens.windows(2).any(|w| w[0] == w[1]) {
                 violations.push(format!("{key}: a fencing token was handed out twice: {tokens:?}"));
             }
-            for (i, a) in list.iter().enumerate() {
-                for b in &list[i + 1..] {
-                    if b.start >= end(a) && b.fencing <= a.fencing {
+            for a in &list {
+                for b in &list {
+                    // b was asked for after a ended, yet has a token no larger
+                    if !std::ptr::eq(*a, *b) && b.requested >= end(a) && b.fencing <= a.fencing {
                         violations.push(format!("{key}: fencing token did not grow: {a:?} then {b:?}"));
                     }
                 }
@@ -204,6 +214,7 @@ pub async fn crd_client(
             None => keys[(id + i) % (keys.len() - 1)].clone(),
         };
         let request = super::lock_request(&run, &name, json!({"lockId": key, "scope": "Cluster", "ttl": "3s"}));
+        let requested = now_ms();
         while api.create(&PostParams::default(), &request).await.is_err() {
             if stop.load(Ordering::Relaxed) {
                 return;
@@ -248,6 +259,7 @@ pub async fn crd_client(
                     key: key.clone(),
                     client: name.clone(),
                     fencing: status.fencing_token.unwrap_or(-1),
+                    requested,
                     start,
                     end,
                     paused_at: None,
@@ -290,6 +302,7 @@ pub fn exec_client(
             "echo start $(date +%s%N) $LOCK_FENCING_TOKEN >> {f}; sleep 0.3; echo end $(date +%s%N) >> {f}",
             f = out_file.display()
         );
+        let requested = now_ms();
         let child = super::lockctl()
             .args(["exec", &key, "--ttl", "3s", "--wait", "60s"])
             .args(permits)
@@ -330,6 +343,7 @@ pub fn exec_client(
             key,
             client: format!("x{id}-{i}"),
             fencing: fencing.parse().unwrap(),
+            requested,
             start,
             end,
             paused_at: pause.map(|p| p.0),
