@@ -5,8 +5,10 @@
 //!
 //! 1. SIGKILL of the node holding the lock index's primary shard (a replica is promoted);
 //! 2. SIGKILL of the elected cluster manager;
-//! 3. a network partition cutting the primary's node off from the other two
-//!    (its HTTP port stays open to clients, which may still send it requests);
+//! 3. with SEARCH_PARTITION=1 (by hand, not in CI: see the README's open
+//!    finding), a network partition cutting the primary's node off from the
+//!    other two (its HTTP port stays open to clients, which may still send it
+//!    requests);
 //! 4. a full-cluster restart (all three SIGKILLed, then started).
 //!
 //! Checked: no two holders, fencing tokens strictly increasing per key (also
@@ -199,6 +201,7 @@ async fn no_two_holders_and_no_lost_grant_under_search_cluster_faults() {
     let urls = node_urls();
     common::services().expect("the test environment");
     let url_list = urls.join(",");
+    let partitions = std::env::var("SEARCH_PARTITION").is_ok_and(|v| v == "1");
     let long_seconds: u64 = std::env::var("SEARCH_CHAOS_SECONDS")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -261,23 +264,27 @@ async fn no_two_holders_and_no_lost_grant_under_search_cluster_faults() {
         testenv_async(&["up"]).await;
         tokio::time::sleep(Duration::from_secs(3)).await;
 
-        // 3. cut the primary's node off from the other two
-        let (node, term) = primary(&urls).await.expect("the lock index's primary");
-        let w = witness(&locks, format!("{}-w{cycle}-partition", work.run)).await;
-        history.fault(&format!(
-            "partition {node}, holding the primary (term {term}), for 10 s"
-        ));
-        testenv_async(&["partition", &node]).await;
-        tokio::time::sleep(Duration::from_secs(10)).await;
-        if let Some((now_on, now_term)) = primary(&urls[..]).await.filter(|(n, _)| *n != node) {
-            promotions.push(format!(
-                "{node} (term {term}) -> {now_on} (term {now_term}), partitioned"
+        // 3. cut the primary's node off from the other two: by hand only
+        // (SEARCH_PARTITION=1) while an overlap it can still produce is open
+        // (README, "A 3-node search cluster"; tests/search_partition.rs)
+        if partitions {
+            let (node, term) = primary(&urls).await.expect("the lock index's primary");
+            let w = witness(&locks, format!("{}-w{cycle}-partition", work.run)).await;
+            history.fault(&format!(
+                "partition {node}, holding the primary (term {term}), for 10 s"
             ));
+            testenv_async(&["partition", &node]).await;
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            if let Some((now_on, now_term)) = primary(&urls[..]).await.filter(|(n, _)| *n != node) {
+                promotions.push(format!(
+                    "{node} (term {term}) -> {now_on} (term {now_term}), partitioned"
+                ));
+            }
+            testenv_async(&["heal"]).await;
+            testenv_async(&["up"]).await; // waits until all three are back in one cluster
+            still_there(&locks, &w, "the primary's node was cut off").await;
+            tokio::time::sleep(Duration::from_secs(3)).await;
         }
-        testenv_async(&["heal"]).await;
-        testenv_async(&["up"]).await; // waits until all three are back in one cluster
-        still_there(&locks, &w, "the primary's node was cut off").await;
-        tokio::time::sleep(Duration::from_secs(3)).await;
 
         // 4. full-cluster restart
         let w = witness(&locks, format!("{}-w{cycle}-restart", work.run)).await;
