@@ -113,6 +113,13 @@ impl LockClient {
     /// another token holds a live lease.
     #[tracing::instrument(skip(self, req), fields(lock_id = %req.lock_id))]
     pub async fn try_acquire(&self, req: &AcquireRequest) -> Result<Option<Lock>, LockError> {
+        Ok(self.try_acquire_versioned(req).await?.map(|(lock, _)| lock))
+    }
+
+    /// [`Self::try_acquire`], also giving the `(_seq_no, _primary_term)` of
+    /// the write that made the grant, to check a grant against the index's
+    /// history (a fault test does).
+    pub async fn try_acquire_versioned(&self, req: &AcquireRequest) -> Result<Option<(Lock, (u64, u64))>, LockError> {
         validate_lock_id(&req.lock_id)?;
         let ttl_ms = validate_ttl(req.ttl)?;
         let metadata = normalize_metadata(req.metadata.clone())?;
@@ -127,7 +134,7 @@ impl LockClient {
         req: &AcquireRequest,
         ttl_ms: u64,
         metadata: &Value,
-    ) -> Result<Option<Lock>, LockError> {
+    ) -> Result<Option<(Lock, (u64, u64))>, LockError> {
         // `pin`: the fencing token of our own grant, stored with if_seq_no
         // when a same-token re-acquire finds it still implied by `_seq_no`.
         let mut pin: Option<(u64, (u64, u64))> = None;
@@ -174,7 +181,7 @@ impl LockClient {
                         let _ = self.update("release", &req.lock_id, &release, None).await;
                         return Err(e);
                     }
-                    return Ok(Some(to_lock(&req.lock_id, doc, fencing)));
+                    return Ok(Some((to_lock(&req.lock_id, doc, fencing), (seq_no, primary_term))));
                 }
                 Some("noop") if doc.token == req.token && doc.fencing_token.is_none() => {
                     let fencing = implied_fencing(state.fencing_floor, seq_no);
