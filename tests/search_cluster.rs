@@ -174,6 +174,7 @@ async fn engine_client(
                 key: key.clone(),
                 client: format!("engine-{i}"),
                 fencing: lock.fencing_token as i64,
+                requested: sent,
                 start,
                 end,
                 paused_at: None,

@@ -27,6 +27,11 @@ pub struct Hold {
     pub key: String,
     pub client: String,
     pub fencing: i64,
+    /// When the client asked for the lock (created its request, started
+    /// `lockctl exec`, sent the acquire): always before the grant.
+    pub requested: f64,
+    /// When the client saw the grant (a CRD client: when it read Granted,
+    /// which lags the grant itself) until when it relied on it.
     pub start: f64,
     pub end: f64,
     /// When the holder was paused (SIGSTOP), if it was, and until when its
@@ -54,8 +59,9 @@ impl History {
 
 /// The checker: returns every violation found in the history. Keys in
 /// `limits` are semaphores (each hold takes one permit): at most that many
-/// holders at once, every fencing token unique, and a hold that starts after
-/// another ended has a larger one. Every other key is a mutex.
+/// holders at once, every fencing token unique, and a hold REQUESTED after
+/// another ended has a larger one. Every other key is a mutex: no two holds
+/// overlap and tokens grow in the order the holds started.
 pub fn check(holds: &[Hold], limits: &HashMap<String, usize>) -> Vec<String> {
     let mut violations = Vec::new();
     let mut by_key: HashMap<&str, Vec<&Hold>> = HashMap::new();
@@ -87,9 +93,13 @@ pub fn check(holds: &[Hold], limits: &HashMap<String, usize>) -> Vec<String> {
             if tokens.windows(2).any(|w| w[0] == w[1]) {
                 violations.push(format!("{key}: a fencing token was handed out twice: {tokens:?}"));
             }
-            for (i, a) in list.iter().enumerate() {
-                for b in &list[i + 1..] {
-                    if b.start >= end(a) && b.fencing <= a.fencing {
+            // Tokens follow the order of the grants, and a hold's start (when
+            // its client saw the grant) lags its grant by a varying amount: with
+            // two permits, b may be granted before a yet seen after a ended. Only
+            // a request made after a ended is surely granted after a was.
+            for a in &list {
+                for b in &list {
+                    if b.requested >= end(a) && b.fencing <= a.fencing {
                         violations.push(format!("{key}: fencing token did not grow: {a:?} then {b:?}"));
                     }
                 }
@@ -103,6 +113,10 @@ pub fn check(holds: &[Hold], limits: &HashMap<String, usize>) -> Vec<String> {
                 }
             }
         }
+        // Valid for a mutex even though a start lags its grant: the holds do
+        // not overlap (checked above) and each lies within its lease, so if b
+        // starts after a, b's lease began after a's ended, i.e. b was granted
+        // after a, and tokens follow the order of the grants.
         for w in list.windows(2) {
             if w[1].fencing <= w[0].fencing {
                 violations.push(format!("{key}: fencing token did not grow: {:?} then {:?}", w[0], w[1]));
@@ -204,6 +218,7 @@ pub async fn crd_client(
             None => keys[(id + i) % (keys.len() - 1)].clone(),
         };
         let request = super::lock_request(&run, &name, json!({"lockId": key, "scope": "Cluster", "ttl": "3s"}));
+        let requested = now_ms();
         while api.create(&PostParams::default(), &request).await.is_err() {
             if stop.load(Ordering::Relaxed) {
                 return;
@@ -248,6 +263,7 @@ pub async fn crd_client(
                     key: key.clone(),
                     client: name.clone(),
                     fencing: status.fencing_token.unwrap_or(-1),
+                    requested,
                     start,
                     end,
                     paused_at: None,
@@ -290,6 +306,7 @@ pub fn exec_client(
             "echo start $(date +%s%N) $LOCK_FENCING_TOKEN >> {f}; sleep 0.3; echo end $(date +%s%N) >> {f}",
             f = out_file.display()
         );
+        let requested = now_ms();
         let child = super::lockctl()
             .args(["exec", &key, "--ttl", "3s", "--wait", "60s"])
             .args(permits)
@@ -330,6 +347,7 @@ pub fn exec_client(
             key,
             client: format!("x{id}-{i}"),
             fencing: fencing.parse().unwrap(),
+            requested,
             start,
             end,
             paused_at: pause.map(|p| p.0),
