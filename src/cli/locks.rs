@@ -155,6 +155,20 @@ enum Want {
 }
 
 impl Want {
+    fn lock_id(&self) -> &str {
+        match self {
+            Want::Mutex(req) => &req.lock_id,
+            Want::Permits(req) => &req.base.lock_id,
+        }
+    }
+
+    fn token(&self) -> &str {
+        match self {
+            Want::Mutex(req) => &req.token,
+            Want::Permits(req) => &req.base.token,
+        }
+    }
+
     fn new(base: AcquireRequest, permits: PermitArgs) -> Self {
         match permits {
             PermitArgs {
@@ -176,11 +190,11 @@ struct Held {
     permits: Option<(u32, bool)>,
 }
 
-/// Acquires what `want` asks for, retrying until `wait` has passed. Without
-/// a grant: one line saying why (who holds it).
 /// How often `exec` takes a lock again whose grant came back too late to rely on.
 const STALE_GRANT_ATTEMPTS: u32 = 5;
 
+/// Acquires what `want` asks for, retrying until `wait` has passed. Without
+/// a grant: one line saying why (who holds it).
 async fn take(client: &LockClient, want: &Want, wait: Option<Duration>) -> Result<Result<Held, String>, CliError> {
     let wait = wait.unwrap_or_default();
     Ok(match want {
@@ -289,11 +303,17 @@ pub async fn exec(args: ExecArgs) -> Result<i32, CliError> {
     let held = loop {
         attempts += 1;
         let wait = deadline.map(|d| d.saturating_duration_since(std::time::Instant::now()));
-        let held = match take(&client, &want, wait).await? {
-            Ok(held) => held,
-            Err(why) => {
+        let held = match take(&client, &want, wait).await {
+            Ok(Ok(held)) => held,
+            Ok(Err(why)) => {
                 eprintln!("lockctl: could not acquire: {why}");
                 return Ok(EXIT_NOT_ACQUIRED);
+            }
+            // an acquire whose answer was lost may have been granted: give
+            // it back by its token rather than leave it held for a whole ttl
+            Err(e) => {
+                let _ = client.release(want.lock_id(), want.token()).await;
+                return Err(e);
             }
         };
         if held.grant.sent_at + args.ttl > std::time::SystemTime::now() {

@@ -24,44 +24,58 @@ impl Lease {
     /// Starts renewing `lock`.
     /// `granted_at` is when the acquire request was sent: the lease is safe
     /// to rely on until `granted_at + ttl` (the engine's expiry is later).
+    /// The lock counts as lost when a renewal finds it expired or held by
+    /// another token, and also when renewals keep failing (the engine
+    /// unreachable, slow or read-only) until the lease is within `ttl/8` of
+    /// running out: the holder must stop before someone else can be granted.
     pub fn start(client: LockClient, lock: Lock, ttl: Duration, granted_at: std::time::SystemTime) -> Self {
         let (stop, mut stopped) = watch::channel(false);
         let (lost_tx, lost) = watch::channel(false);
         let (valid_tx, valid_until) = watch::channel(granted_at + ttl);
         let period = (ttl / 4).max(Duration::from_millis(10));
+        let margin = ttl / 8;
         let task = tokio::spawn(async move {
+            let lose = |why: &str| {
+                tracing::warn!(lock_id = %lock.lock_id, why, "lock was lost");
+                let _ = lost_tx.send(true);
+            };
+            // how long until the lease must be given up, unless renewed
+            let left = || {
+                let cutoff = *valid_tx.borrow() - margin;
+                cutoff.duration_since(std::time::SystemTime::now()).ok()
+            };
             loop {
+                let Some(wait) = left() else {
+                    return lose("its lease ran out while it could not be renewed");
+                };
                 tokio::select! {
-                    _ = tokio::time::sleep(period) => {}
+                    _ = tokio::time::sleep(period.min(wait)) => {}
                     _ = stopped.changed() => return,
                 }
+                let Some(deadline) = left() else {
+                    return lose("its lease ran out while it could not be renewed");
+                };
                 let sent = std::time::SystemTime::now();
-                match client
-                    .extend_lease(&lock.lock_id, &lock.token, ttl, Some(lock.fencing_token))
-                    .await
-                {
-                    Ok(ExtendOutcome::Extended) => {
+                let renewal = client.extend_lease(&lock.lock_id, &lock.token, ttl, Some(lock.fencing_token));
+                match tokio::time::timeout(deadline, renewal).await {
+                    Ok(Ok(ExtendOutcome::Extended)) => {
                         let _ = valid_tx.send(sent + ttl);
                     }
-                    Ok(outcome) => {
-                        let why = if outcome == ExtendOutcome::Expired {
+                    Ok(Ok(outcome)) => {
+                        return lose(if outcome == ExtendOutcome::Expired {
                             "its lease ran out before it was renewed"
                         } else {
                             "another owner holds it now, or it was released"
-                        };
-                        tracing::warn!(lock_id = %lock.lock_id, why, "lock was lost");
-                        let _ = lost_tx.send(true);
-                        return;
+                        });
                     }
                     // the index is gone or replaced: so is the lock
-                    Err(e @ LockError::FencingUnproven { .. }) => {
-                        tracing::warn!(lock_id = %lock.lock_id, error = %e, "lock was lost");
-                        let _ = lost_tx.send(true);
-                        return;
+                    Ok(Err(e @ LockError::FencingUnproven { .. })) => {
+                        return lose(&e.to_string());
                     }
-                    Err(e) => {
+                    Ok(Err(e)) => {
                         tracing::warn!(lock_id = %lock.lock_id, error = %e, "could not extend the lock; will retry")
                     }
+                    Err(_) => return lose("its lease ran out while a renewal was still unanswered"),
                 }
             }
         });

@@ -27,6 +27,25 @@ pub fn kube_available() -> bool {
     }
 }
 
+/// The kubeconfig of the second cluster (`KLM_CLUSTERS=2 testenv/testenv up`
+/// exports it as KUBECONFIG_B), or `None` (skip) outside CI.
+pub fn kubeconfig_b() -> Option<std::path::PathBuf> {
+    match std::env::var("KUBECONFIG_B") {
+        Ok(path) if !path.is_empty() => Some(path.into()),
+        _ => missing("KUBECONFIG_B (a second cluster: KLM_CLUSTERS=2 testenv/testenv up)"),
+    }
+}
+
+/// A client of the cluster this kubeconfig file points at.
+pub async fn client_for(kubeconfig: &std::path::Path) -> kube::Client {
+    let file = kube::config::Kubeconfig::read_from(kubeconfig)
+        .unwrap_or_else(|e| panic!("read the kubeconfig {}: {e}", kubeconfig.display()));
+    let config = kube::Config::from_custom_kubeconfig(file, &Default::default())
+        .await
+        .unwrap_or_else(|e| panic!("load the kubeconfig {}: {e}", kubeconfig.display()));
+    kube::Client::try_from(config).expect("a client")
+}
+
 fn missing<T>(what: &str) -> Option<T> {
     if std::env::var_os("CI").is_some() || std::env::var_os("KLM_REQUIRE_SERVICES").is_some() {
         panic!("integration test needs {what}, which is not set; {HOW_TO_RUN}");
@@ -110,26 +129,44 @@ pub struct Operator {
     pub run: String,
     pub http_port: u16,
     extra: Vec<String>,
+    /// The cluster it manages (default: $KUBECONFIG).
+    kubeconfig: Option<std::path::PathBuf>,
 }
 
 pub const RUN_LABEL: &str = "test-run";
 
 impl Operator {
     pub fn start(run: &str, extra: &[&str]) -> Self {
+        Self::start_in(None, run, extra)
+    }
+
+    /// An operator of the cluster `kubeconfig` points at (`None`: $KUBECONFIG).
+    pub fn start_in(kubeconfig: Option<&std::path::Path>, run: &str, extra: &[&str]) -> Self {
         let http_port = free_port();
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
-        let child = Self::spawn(run, http_port, &extra);
+        let kubeconfig = kubeconfig.map(std::path::Path::to_path_buf);
+        let child = Self::spawn(kubeconfig.as_deref(), run, http_port, &extra);
         Self {
             child,
             run: run.to_string(),
             http_port,
             extra,
+            kubeconfig,
         }
     }
 
-    fn spawn(run: &str, http_port: u16, extra: &[String]) -> std::process::Child {
-        let log = std::fs::File::create(std::env::temp_dir().join(format!("operator-{run}.log"))).unwrap();
-        lockctl()
+    fn spawn(kubeconfig: Option<&std::path::Path>, run: &str, http_port: u16, extra: &[String]) -> std::process::Child {
+        // operator-<run>.log, or operator-<run>-<kubeconfig file name>.log in another cluster
+        let name = match kubeconfig.and_then(|p| p.file_name()) {
+            Some(file) => format!("operator-{run}-{}.log", file.to_string_lossy()),
+            None => format!("operator-{run}.log"),
+        };
+        let log = std::fs::File::create(std::env::temp_dir().join(name)).unwrap();
+        let mut command = lockctl();
+        if let Some(path) = kubeconfig {
+            command.env("KUBECONFIG", path);
+        }
+        command
             .args(["operator", "--selector", &format!("{RUN_LABEL}={run}")])
             .args(["--http-addr", &format!("127.0.0.1:{http_port}")])
             .args(extra)
@@ -143,7 +180,7 @@ impl Operator {
     /// SIGKILL, then start again with the same settings.
     pub fn restart(&mut self) {
         self.kill();
-        self.child = Self::spawn(&self.run, self.http_port, &self.extra);
+        self.child = Self::spawn(self.kubeconfig.as_deref(), &self.run, self.http_port, &self.extra);
     }
 
     pub fn kill(&mut self) {
@@ -537,3 +574,4 @@ pub fn leader_election_args(ns: &str, lease: &str) -> Vec<String> {
     .to_vec()
 }
 pub mod chaos;
+pub mod search;
