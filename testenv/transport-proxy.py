@@ -9,12 +9,18 @@ between two nodes passes through the proxy of the node it goes to. The proxy
 tells which node opened a connection by finding the peer's socket among the
 node processes' open files (/proc). CONTROL_FILE holds the index of the node
 that is cut off (or nothing): its connections in both directions are closed
-and new ones refused until the file is emptied. Clients that are not nodes
-(curl, tests) are never cut.
+and new ones refused until the file is emptied.
+
+While a partition is active the proxy fails closed: a connection it cannot
+attribute to a node is closed (at the partition's start) or refused (after),
+since it could be the cut-off node's, and keeping it would leave a one-way
+link that a real partition does not have. Every decision is logged with the
+connection's attribution (open, close, keep, cut, refuse).
 """
 import asyncio
 import os
 import sys
+import time
 
 
 def read_isolated(path):
@@ -63,30 +69,74 @@ def owner_node(inode, pidfiles):
     return None
 
 
+def log(message):
+    now = time.time()
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(now))
+    print(f"[{stamp},{int(now * 1000) % 1000:03d}] transport-proxy: {message}", flush=True)
+
+
+def node_name(node):
+    return "unattributed" if node is None else f"opensearch-{node}"
+
+
 class Proxy:
     def __init__(self, control, routes):
         self.control = control
         self.routes = routes  # [(listen, target, pidfile)]
         self.isolated = read_isolated(control)
-        self.links = set()  # (from_node, to_node, writers)
+        self.links = set()  # (origin node or None, target node, peer port, client writer, upstream writer)
 
-    def cut(self, a, b):
-        return self.isolated is not None and a != b and self.isolated in (a, b)
+    def cut(self, origin, node):
+        """True when a link origin -> node must not exist now. Fails closed:
+        while a partition is active, a link not known to be between two
+        nodes on the same side is cut."""
+        if self.isolated is None:
+            return False
+        if origin is None:
+            return True
+        return origin != node and self.isolated in (origin, node)
+
+    async def attribute(self, peer_port, listen):
+        """The node that opened the connection from peer_port and, when none
+        is found, why; a few tries, since a node's fd table may be read
+        while it changes."""
+        pidfiles = [r[2] for r in self.routes]
+        for _ in range(5):
+            inode = socket_inode(peer_port, listen)
+            origin = owner_node(inode, pidfiles)
+            if origin is not None:
+                return origin, ""
+            await asyncio.sleep(0.01)
+        why = "its socket is gone from /proc/net/tcp" if inode is None else f"no node holds socket {inode}"
+        return None, f" ({why})"
+
+    def describe(self, origin, node, peer_port):
+        return f"{node_name(origin)} -> {node_name(node)} (peer port {peer_port})"
 
     async def serve(self, node, reader, writer):
         listen, target, _ = self.routes[node]
         peer_port = writer.get_extra_info("peername")[1]
-        origin = owner_node(socket_inode(peer_port, listen), [r[2] for r in self.routes])
+        origin, why = await self.attribute(peer_port, listen)
+        what = self.describe(origin, node, peer_port) + why
         if self.cut(origin, node):
-            writer.close()
+            log(f"refuse {what}: opensearch-{self.isolated} is cut off")
+            writer.transport.abort()
             return
         try:
             up_reader, up_writer = await asyncio.open_connection("127.0.0.1", target)
-        except OSError:
-            writer.close()
+        except OSError as e:
+            log(f"refuse {what}: {node_name(node)} does not answer ({e})")
+            writer.transport.abort()
             return
-        link = (origin, node, writer, up_writer)
+        # the partition may have begun while the link was being set up
+        if self.cut(origin, node):
+            log(f"refuse {what}: opensearch-{self.isolated} is cut off")
+            writer.transport.abort()
+            up_writer.transport.abort()
+            return
+        link = (origin, node, peer_port, writer, up_writer)
         self.links.add(link)
+        log(f"open {what}")
 
         async def pipe(src, dst):
             try:
@@ -101,7 +151,9 @@ class Proxy:
         try:
             await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
         finally:
-            self.links.discard(link)
+            if link in self.links:
+                self.links.discard(link)
+                log(f"close {what}")
             writer.close()
             up_writer.close()
 
@@ -110,11 +162,18 @@ class Proxy:
             isolated = read_isolated(self.control)
             if isolated != self.isolated:
                 self.isolated = isolated
-                print(f"transport-proxy: isolated node: {isolated}", flush=True)
-                for origin, node, w1, w2 in list(self.links):
+                side = f"opensearch-{isolated} is cut off" if isolated is not None else "healed"
+                log(f"partition: {side}; {len(self.links)} open links")
+                for link in list(self.links):
+                    origin, node, peer_port, client, upstream = link
+                    what = self.describe(origin, node, peer_port)
                     if self.cut(origin, node):
-                        w1.transport.abort()
-                        w2.transport.abort()
+                        self.links.discard(link)
+                        log(f"cut {what}")
+                        client.transport.abort()
+                        upstream.transport.abort()
+                    else:
+                        log(f"keep {what}")
             await asyncio.sleep(0.05)
 
     async def run(self):
@@ -122,7 +181,7 @@ class Proxy:
             await asyncio.start_server(
                 lambda r, w, node=node: self.serve(node, r, w), "127.0.0.1", listen, reuse_address=True
             )
-        print("transport-proxy: listening on", [r[0] for r in self.routes], flush=True)
+        log(f"listening on {[r[0] for r in self.routes]}; cut off: {node_name(self.isolated) if self.isolated is not None else 'none'}")
         await self.watch()
 
 

@@ -143,7 +143,7 @@ impl Category {
             | LockError::InvalidMetadata(_)
             | LockError::InvalidTtl(_)
             | LockError::InvalidPermits(_) => Category::Invalid,
-            LockError::Unavailable { .. } => Category::Unavailable,
+            LockError::Unavailable { .. } | LockError::Deposed { .. } => Category::Unavailable,
             LockError::Engine { status: 401 | 403, .. } => Category::Unauthorized,
             LockError::Engine { .. } => Category::Engine,
             LockError::Response { .. } => Category::Response,

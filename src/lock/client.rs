@@ -8,6 +8,7 @@ use std::time::{Duration, Instant, SystemTime};
 use chrono::Utc;
 use elasticsearch::http::StatusCode;
 use elasticsearch::http::response::Response;
+use elasticsearch::cluster::ClusterStateParts;
 use elasticsearch::{Elasticsearch, GetParts, UpdateParts};
 use serde_json::{Value, json};
 
@@ -26,6 +27,8 @@ use crate::engine::EngineArgs;
 const CONFLICT_RETRIES: i64 = 10;
 /// Compare-and-swap rounds before giving up on a document that keeps changing.
 pub(super) const CAS_ROUNDS: usize = 5;
+/// How often an acquire answered by a replaced primary is asked again (200 ms apart).
+const DEPOSED_ROUNDS: usize = 15;
 
 /// The lock index: acquire, release, extend and read lock documents. Cheap to
 /// clone; index assets are set up once per client (and so once per process
@@ -113,6 +116,13 @@ impl LockClient {
     /// another token holds a live lease.
     #[tracing::instrument(skip(self, req), fields(lock_id = %req.lock_id))]
     pub async fn try_acquire(&self, req: &AcquireRequest) -> Result<Option<Lock>, LockError> {
+        Ok(self.try_acquire_versioned(req).await?.map(|(lock, _)| lock))
+    }
+
+    /// [`Self::try_acquire`], also giving the `(_seq_no, _primary_term)` of
+    /// the write that made the grant, to check a grant against the index's
+    /// history (a fault test does).
+    pub async fn try_acquire_versioned(&self, req: &AcquireRequest) -> Result<Option<(Lock, (u64, u64))>, LockError> {
         validate_lock_id(&req.lock_id)?;
         let ttl_ms = validate_ttl(req.ttl)?;
         let metadata = normalize_metadata(req.metadata.clone())?;
@@ -127,11 +137,12 @@ impl LockClient {
         req: &AcquireRequest,
         ttl_ms: u64,
         metadata: &Value,
-    ) -> Result<Option<Lock>, LockError> {
+    ) -> Result<Option<(Lock, (u64, u64))>, LockError> {
         // `pin`: the fencing token of our own grant, stored with if_seq_no
         // when a same-token re-acquire finds it still implied by `_seq_no`.
         let mut pin: Option<(u64, (u64, u64))> = None;
-        for _ in 0..CAS_ROUNDS {
+        let mut deposed = 0;
+        for _ in 0..CAS_ROUNDS + DEPOSED_ROUNDS {
             let script = json!({
                 "lang": "painless",
                 "source": scripts::ACQUIRE,
@@ -147,9 +158,21 @@ impl LockClient {
                 None => json!({"scripted_upsert": true, "upsert": {}, "script": script}),
                 Some(_) => json!({"script": script}),
             };
-            let answer = self
+            let answer = match self
                 .update("acquire", &req.lock_id, &body, pin.map(|(_, version)| version))
-                .await?;
+                .await
+            {
+                // answered by a primary the cluster replaced: ask again (same
+                // token) once the cluster has settled
+                Err(LockError::Deposed { term, current, .. }) if deposed < DEPOSED_ROUNDS => {
+                    deposed += 1;
+                    tracing::debug!(lock_id = %req.lock_id, term, current, "acquire answered by a replaced primary; asking again");
+                    pin = None;
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+                other => other?,
+            };
             if pin.is_some() && matches!(answer.status.as_u16(), 404 | 409) {
                 pin = None; // changed or gone since we read it: start over
                 continue;
@@ -174,7 +197,7 @@ impl LockClient {
                         let _ = self.update("release", &req.lock_id, &release, None).await;
                         return Err(e);
                     }
-                    return Ok(Some(to_lock(&req.lock_id, doc, fencing)));
+                    return Ok(Some((to_lock(&req.lock_id, doc, fencing), (seq_no, primary_term))));
                 }
                 Some("noop") if doc.token == req.token && doc.fencing_token.is_none() => {
                     let fencing = implied_fencing(state.fencing_floor, seq_no);
@@ -346,6 +369,13 @@ impl LockClient {
                 }))
                 .await;
         }
+        if let Some((term, current)) = self.answered_by_replaced_primary(&answer).await {
+            return Err(LockError::Deposed {
+                operation,
+                term,
+                current,
+            });
+        }
         if let Some(message) = script_failure(&answer) {
             return Err(LockError::Malformed {
                 lock_id: lock_id.to_string(),
@@ -356,6 +386,48 @@ impl LockClient {
             return Err(e);
         }
         Ok(answer)
+    }
+
+    /// For a write answered without every copy of the shard (`_shards`
+    /// successful < total): the answer's primary term and the current one,
+    /// when the cluster manager knows a newer primary than the one that
+    /// answered (or cannot be asked). A primary cut off by a partition keeps
+    /// answering with its own term; once the partition heals it can
+    /// acknowledge a write its replicas refused and the new primary never
+    /// had (seen in tests/search_partition.rs, every such answer counting
+    /// only its own copy). A write acknowledged by every copy needs no check.
+    async fn answered_by_replaced_primary(&self, answer: &Answer) -> Option<(u64, u64)> {
+        let shards = &answer.body["_shards"];
+        let (total, successful) = (shards["total"].as_u64()?, shards["successful"].as_u64()?);
+        if successful >= total {
+            return None;
+        }
+        let term = answer.body["_primary_term"].as_u64()?;
+        let index = answer.body["_index"].as_str()?;
+        let current = self.current_primary_term(index).await;
+        match current {
+            Some(current) if current <= term => None,
+            other => Some((term, other.unwrap_or(0))),
+        }
+    }
+
+    /// The primary term of `index`'s shard as the elected cluster manager has it.
+    async fn current_primary_term(&self, index: &str) -> Option<u64> {
+        let (metric, indices, filter) = (["metadata"], [index], ["metadata.indices.*.primary_terms"]);
+        let cluster = self.inner.es.cluster();
+        let answer = self
+            .send("cluster state", || {
+                cluster
+                    .state(ClusterStateParts::MetricIndex(&metric, &indices))
+                    .filter_path(&filter)
+                    .send()
+            })
+            .await
+            .ok()?;
+        if !answer.status.is_success() {
+            return None;
+        }
+        answer.body["metadata"]["indices"][index]["primary_terms"]["0"].as_u64()
     }
 
     async fn send<F, Fut>(&self, operation: &'static str, request: F) -> Result<Answer, LockError>

@@ -31,6 +31,18 @@ pub enum LockError {
         attempts: u32,
         message: String,
     },
+    /// A write was answered by a primary the cluster had already replaced
+    /// (a node cut off by a partition answers late with its own, older
+    /// primary term): the write may be lost, so it is not relied on.
+    #[error(
+        "search engine answered {operation} from a replaced primary (term {term}, current {current}): its outcome is unknown; retry"
+    )]
+    Deposed {
+        operation: &'static str,
+        term: u64,
+        /// The current primary term as the cluster manager has it (0: it could not be asked).
+        current: u64,
+    },
     /// The engine answered with an error status; `reason` is its own.
     #[error("search engine refused {operation} (HTTP {status}): {reason}")]
     Engine {
@@ -94,7 +106,7 @@ impl LockError {
             | LockError::InvalidMetadata(_)
             | LockError::InvalidTtl(_)
             | LockError::InvalidPermits(_) => "invalid",
-            LockError::Unavailable { .. } => "unavailable",
+            LockError::Unavailable { .. } | LockError::Deposed { .. } => "unavailable",
             LockError::Engine { status: 401 | 403, .. } => "unauthorized",
             LockError::Engine { .. } => "engine",
             LockError::Response { .. } => "response",

@@ -130,7 +130,7 @@ if (src.kind == 'semaphore') {
 pub const SEMAPHORE_SET: &str = r#"
 long now = System.currentTimeMillis();
 def src = ctx._source;
-boolean semaphore = src.kind != null;
+boolean semaphore = src.kind == 'semaphore';
 boolean liveMutex = !semaphore && ctx.op != 'create' && src.expiresAt != null
     && Instant.parse(src.expiresAt.toString()).toEpochMilli() > now;
 if (liveMutex || (!semaphore && src.kind != null)) {

@@ -27,9 +27,43 @@ import org.opensearch.node.Node;
  * a single-node cluster. PUBLISH_PORT is the transport port the other nodes are
  * told to reach this one at (a proxy in front of TRANSPORT_PORT, through which
  * a test can cut the node off).
+ *
+ * The node logs to stdout (testenv sends it to $KLM_RUN_DIR/NODE_NAME.log) at
+ * INFO, with the cluster coordination, shard state and replication loggers at
+ * DEBUG, so a fault test can be explained afterwards: cluster-manager
+ * elections, nodes leaving and joining, shard failures, primary promotions
+ * and stale-primary rejections are all there, with millisecond timestamps.
  */
 public final class TestNode {
     private TestNode() {}
+
+    /** log4j2 configuration: stdout, with millisecond timestamps and the node's name. */
+    private static final String LOG_CONFIG = String.join("\n",
+        "status = error",
+        "appender.console.type = Console",
+        "appender.console.name = console",
+        "appender.console.layout.type = PatternLayout",
+        "appender.console.layout.pattern = [%d{ISO8601}][%-5p][%-25c{1.}] [%node_name]%marker %m%n",
+        "rootLogger.level = info",
+        "rootLogger.appenderRef.console.ref = console",
+        // elections, joins, leaves, publication failures
+        "logger.coordination.name = org.opensearch.cluster.coordination",
+        "logger.coordination.level = debug",
+        // shard-failed / shard-started requests to the cluster manager (stale primary answers)
+        "logger.shardstate.name = org.opensearch.cluster.action.shard",
+        "logger.shardstate.level = debug",
+        // primary-replica replication failures, failed replicas, demoted primaries
+        "logger.replication.name = org.opensearch.action.support.replication",
+        "logger.replication.level = debug",
+        // primary promotion and resync
+        "logger.resync.name = org.opensearch.index.shard.PrimaryReplicaSyncer",
+        "logger.resync.level = debug",
+        "logger.routing.name = org.opensearch.cluster.routing.allocation.AllocationService",
+        "logger.routing.level = debug",
+        // a WARN with the whole script for every scripted-upsert noop: noise
+        "logger.updatehelper.name = org.opensearch.action.update.UpdateHelper",
+        "logger.updatehelper.level = error",
+        "");
 
     public static void main(String[] args) throws Exception {
         if (args.length != 3 && args.length != 6 && args.length != 7) {
@@ -64,10 +98,12 @@ public final class TestNode {
             builder.put("discovery.type", "single-node");
         }
         Settings settings = builder.build();
+        Files.writeString(home.resolve("config").resolve("log4j2.properties"), LOG_CONFIG);
         LogConfigurator.registerErrorListener();
-        LogConfigurator.configureWithoutConfig(settings);
         Environment environment = InternalSettingsPreparer.prepareEnvironment(
             settings, Collections.emptyMap(), home.resolve("config"), () -> "testenv");
+        LogConfigurator.setNodeName(settings.get("node.name"));
+        LogConfigurator.configure(environment);
         Node node = new PluginNode(environment);
         CountDownLatch stopped = new CountDownLatch(1);
         Runtime.getRuntime().addShutdownHook(new Thread(() -> {
