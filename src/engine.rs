@@ -25,6 +25,8 @@ pub enum ConfigError {
     },
     #[error("--es-url must be http:// or https://, got {0:?}")]
     Scheme(String),
+    #[error("--es-url {0:?} has an empty entry: list the nodes' URLs separated by single commas")]
+    EmptyUrl(String),
     #[error("cannot read CA bundle {path}: {source}")]
     CaRead {
         path: PathBuf,
@@ -150,6 +152,13 @@ fn parse_urls(list: &str) -> Result<Vec<Url>, ConfigError> {
     list.split(',')
         .map(str::trim)
         .map(|one| {
+            if one.is_empty() {
+                return Err(ConfigError::EmptyUrl(list.to_string()));
+            }
+            // "host:9200" parses as a URL with the scheme "host"
+            if !one.contains("://") {
+                return Err(ConfigError::Scheme(one.to_string()));
+            }
             let url = Url::parse(one).map_err(|source| ConfigError::Url {
                 url: one.to_string(),
                 source,
@@ -209,6 +218,14 @@ mod tests {
         assert!(err.to_string().contains("\"b c\""), "{err}");
         let err = EngineArgs::for_url("http://a:9200,ftp://b").client().unwrap_err();
         assert!(matches!(err, ConfigError::Scheme(u) if u == "ftp://b"));
+        for list in ["http://a:9200,", ",http://a:9200", "http://a:9200,,http://b:9200"] {
+            let err = EngineArgs::for_url(list).client().unwrap_err();
+            assert!(matches!(err, ConfigError::EmptyUrl(_)), "{list}: {err}");
+        }
+        let err = EngineArgs::for_url("http://a:9200,127.0.0.1:9200")
+            .client()
+            .unwrap_err();
+        assert!(err.to_string().contains("http:// or https://"), "{err}");
     }
 
     #[test]

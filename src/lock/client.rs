@@ -6,9 +6,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use chrono::Utc;
+use elasticsearch::cluster::ClusterStateParts;
 use elasticsearch::http::StatusCode;
 use elasticsearch::http::response::Response;
-use elasticsearch::cluster::ClusterStateParts;
 use elasticsearch::{Elasticsearch, GetParts, UpdateParts};
 use serde_json::{Value, json};
 
