@@ -210,7 +210,10 @@ fn lost_writes(grants: &[Grant]) -> Vec<String> {
 }
 
 /// Per key: holders' windows never overlap, and a grant acknowledged before
-/// another was asked for has the smaller fencing token.
+/// another was asked for has the smaller fencing token. A grant whose answer
+/// came back after its lease could have run out (sent + TTL, the bound the
+/// library gives its caller: `lockctl exec` refuses to start on such a
+/// grant) was never relied on and holds no window.
 fn holder_problems(grants: &[Grant]) -> Vec<String> {
     let mut problems = Vec::new();
     let mut by_key: BTreeMap<&str, Vec<&Grant>> = BTreeMap::new();
@@ -221,7 +224,7 @@ fn holder_problems(grants: &[Grant]) -> Vec<String> {
         list.sort_by(|a, b| a.acked.total_cmp(&b.acked));
         for (i, a) in list.iter().enumerate() {
             for b in &list[i + 1..] {
-                if b.acked < a.until {
+                if a.acked < a.until && b.acked < b.until && b.acked < a.until {
                     problems.push(format!(
                         "{key}: two holders: {} (fencing {}) relied on its lease until {:.0} and {} (fencing {}) was granted at {:.0}",
                         a.client, a.fencing, a.until, b.client, b.fencing, b.acked
@@ -274,6 +277,14 @@ fn the_checks_find_a_lost_write_two_holders_and_fencing_going_backwards() {
         grant("a", 12, 11, 13, 2.0, 3.0, 6.0),
     ];
     assert_eq!(holder_problems(&two_holders).len(), 1);
+    // an answer that came back after its own lease could have run out (as
+    // seen: written at 0.5, answered at 6.8, lease until 3.4) is not relied
+    // on, so it does not overlap the next holder granted meanwhile
+    let late = [
+        grant("a", 20, 19, 13, 5.0, 6.0, 6.9),
+        grant("a", 12, 11, 13, 0.4, 6.8, 3.4),
+    ];
+    assert!(holder_problems(&late).is_empty(), "{:?}", holder_problems(&late));
     let backwards = [
         grant("a", 12, 11, 13, 0.0, 1.0, 2.0),
         grant("a", 10, 9, 13, 3.0, 4.0, 5.0),
