@@ -12,8 +12,8 @@
 //! Printed at the end: grants checked, faults injected, checker violations,
 //! leaked locks (held TTL + 5 s after every client stopped, or requests still
 //! Granted), and the longest time a key stayed ungranted while clients waited
-//! for it (every client always wants a lock, so a gap between one hold's end
-//! and the next one's start is such a time), with the fault before it.
+//! for it (free from one hold's end to the next one's start, waited for from
+//! the earliest request of a later hold), with the fault before it.
 //! By hand (not in CI):
 //!
 //! ```sh
@@ -53,8 +53,10 @@ impl Faults {
 }
 
 /// Per key (semaphore keys left out: their holders overlap by design), the
-/// gaps between one hold's end and the next hold's start, longest first:
-/// (gap ms, key, when it ended).
+/// times the key was free while a client waited for it, longest first:
+/// (gap ms, key, when it ended). Free: from the latest end of a hold to the
+/// next start; waited for: from the earliest request among the holds that
+/// started after that end (a client asked and had not got it yet).
 fn ungranted_gaps(holds: &[Hold], skip: &[&str]) -> Vec<(f64, String, f64)> {
     let mut by_key: HashMap<&str, Vec<&Hold>> = HashMap::new();
     for h in holds.iter().filter(|h| !skip.contains(&h.key.as_str())) {
@@ -64,9 +66,13 @@ fn ungranted_gaps(holds: &[Hold], skip: &[&str]) -> Vec<(f64, String, f64)> {
     for (key, mut list) in by_key {
         list.sort_by(|a, b| a.start.total_cmp(&b.start));
         let mut free_since = list[0].end;
-        for h in &list[1..] {
+        for (i, h) in list.iter().enumerate().skip(1) {
             if h.start > free_since {
-                gaps.push((h.start - free_since, key.to_string(), h.start));
+                let waited_from = list[i..].iter().map(|w| w.requested).fold(f64::INFINITY, f64::min);
+                let from = free_since.max(waited_from);
+                if h.start > from {
+                    gaps.push((h.start - from, key.to_string(), h.start));
+                }
             }
             free_since = free_since.max(h.end);
         }
@@ -88,19 +94,26 @@ fn gaps_are_measured_per_key_from_the_latest_end() {
         valid_until: None,
         told_lost: false,
     };
+    let asked = |mut h: Hold, at: f64| {
+        h.requested = at;
+        h
+    };
     let holds = [
         hold("a", 0.0, 100.0),
-        hold("a", 150.0, 160.0),
+        asked(hold("a", 150.0, 160.0), 90.0), // asked before 100: free with a waiter from 100
         hold("b", 0.0, 1000.0),
-        hold("b", 10.0, 20.0), // inside the first: no gap
-        hold("b", 1300.0, 1400.0),
+        hold("b", 10.0, 20.0),                    // inside the first: no gap
+        asked(hold("b", 1300.0, 1400.0), 1200.0), // nobody waited from 1000 to 1200
+        asked(hold("c", 0.0, 10.0), 0.0),
+        asked(hold("c", 5000.0, 5010.0), 4990.0), // asked just before it got it
         hold("s", 0.0, 10.0),
         hold("s", 5000.0, 5010.0),
     ];
     let gaps = ungranted_gaps(&holds, &["s"]);
-    assert_eq!(gaps.len(), 2);
-    assert_eq!((gaps[0].0, gaps[0].1.as_str()), (300.0, "b"));
+    assert_eq!(gaps.len(), 3, "{gaps:?}");
+    assert_eq!((gaps[0].0, gaps[0].1.as_str()), (100.0, "b"));
     assert_eq!((gaps[1].0, gaps[1].1.as_str()), (50.0, "a"));
+    assert_eq!((gaps[2].0, gaps[2].1.as_str()), (10.0, "c"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
