@@ -377,3 +377,93 @@ async fn a_lease_that_ran_out_while_the_spec_was_edited_is_expired_not_lost() {
     .await;
     assert_eq!(phase_of(&done), Some(Phase::Expired), "{:?}", done.status);
 }
+
+/// Hostile review of issue 15: `lockctl exec` kept its command running after
+/// its lease ran out for as long as renewals failed (the search engine out of
+/// reach): another client was granted the lock and both commands ran at once
+/// (12.9 s in the review). Now the command gets SIGTERM before the lease runs
+/// out, so it has stopped before anyone else can be granted.
+#[tokio::test]
+async fn exec_stops_its_command_before_its_lease_runs_out_when_it_cannot_renew() {
+    let Some(url) = common::es_url() else {
+        return;
+    };
+    let proxy = common::SwitchProxy::start(&url).await;
+    let lock_id = common::unique("exec-cut-off");
+    let dir = tempfile::tempdir().unwrap();
+    let ticks = dir.path().join("ticks");
+    let script = format!("while :; do date +%s%N >> {}; sleep 0.05; done", ticks.display());
+    use std::os::unix::process::CommandExt;
+    let args = [
+        "exec",
+        &lock_id,
+        "--ttl",
+        "2s",
+        "--es-timeout",
+        "1s",
+        "--",
+        "sh",
+        "-c",
+        &script,
+    ];
+    let child = common::lockctl()
+        .env("ELASTICSEARCH_URL", &proxy.url)
+        .args(args)
+        .stderr(std::process::Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    // on a failed assertion the endless command must not outlive the test
+    struct KillGroup(std::process::Child);
+    impl Drop for KillGroup {
+        fn drop(&mut self) {
+            let group = nix::unistd::Pid::from_raw(self.0.id() as i32);
+            let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
+            let _ = self.0.wait();
+        }
+    }
+    let mut exec = KillGroup(child);
+    let exec_child = &mut exec.0;
+    common::eventually("the command to run", WAIT, || async {
+        std::fs::read_to_string(&ticks).ok().filter(|t| !t.is_empty())
+    })
+    .await;
+    // the holder loses the search engine; another client waits for the lock
+    proxy.set_up(false);
+    let other = common::lock_client(&url, "kube-locks");
+    let request = kube_lock_manager::lock::AcquireRequest::new(&lock_id, Duration::from_secs(30), json!({}));
+    let granted = other
+        .acquire_with_wait(&request, Duration::from_secs(20))
+        .await
+        .unwrap()
+        .expect("the lock is free once the cut-off holder's lease ran out");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = exec_child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "lockctl exec still runs its command 10 s after another client was granted the lock"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(exec_child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert_ne!(status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("was lost"), "{stderr}");
+    // the command's last tick came before the other client's grant was written
+    let last_tick = std::fs::read_to_string(&ticks)
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.trim().parse::<i64>().ok())
+        .max()
+        .unwrap();
+    let granted_at = granted.created_at.timestamp_nanos_opt().unwrap();
+    assert!(
+        last_tick < granted_at,
+        "the cut-off holder's command still ran {} ms after another client was granted the lock",
+        (last_tick - granted_at) / 1_000_000
+    );
+    other.release(&lock_id, &granted.token).await.unwrap();
+}
