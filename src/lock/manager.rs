@@ -48,8 +48,10 @@ impl Lease {
                 let Some(wait) = left() else {
                     return lose("its lease ran out while it could not be renewed");
                 };
+                // renew every ttl/4, and sooner when the lease is short of
+                // that (a grant whose answer came back slowly)
                 tokio::select! {
-                    _ = tokio::time::sleep(period.min(wait)) => {}
+                    _ = tokio::time::sleep(period.min(wait / 2)) => {}
                     _ = stopped.changed() => return,
                 }
                 let Some(deadline) = left() else {

@@ -298,8 +298,12 @@ pub fn exec_client(
             &[]
         };
         let out_file = out_dir.join(format!("x{id}-{i}.out"));
+        // A command stopped by SIGTERM (lockctl's "lock lost") records when
+        // it stopped: lockctl releases the lock only after that, and its own
+        // exit (the fallback end) comes later still, after the release and
+        // maybe after the next holder's grant.
         let script = format!(
-            "echo start $(date +%s%N) $LOCK_FENCING_TOKEN >> {f}; sleep 0.3; echo end $(date +%s%N) >> {f}",
+            "trap 'echo end $(date +%s%N) >> {f}; exit 143' TERM; echo start $(date +%s%N) $LOCK_FENCING_TOKEN >> {f}; sleep 0.3 & wait $!; echo end $(date +%s%N) >> {f}",
             f = out_file.display()
         );
         let requested = now_ms();
