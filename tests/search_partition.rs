@@ -30,6 +30,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::chaos::{now_ms, testenv};
+use common::search::node_urls;
 use kube_lock_manager::engine::EngineArgs;
 use kube_lock_manager::lock::{AcquireRequest, LockClient};
 use serde_json::{Value, json};
@@ -53,16 +54,6 @@ struct Grant {
     /// when the holder stopped relying on the lease (started releasing, or
     /// the lease ran out by its own reckoning)
     until: f64,
-}
-
-fn node_urls() -> Vec<String> {
-    let urls = std::env::var("KLM_SEARCH_NODE_URLS").unwrap_or_default();
-    let urls: Vec<String> = urls.split(',').filter(|u| !u.is_empty()).map(String::from).collect();
-    assert!(
-        urls.len() >= 3,
-        "this test needs a search cluster of 3 nodes: KLM_SEARCH_NODES=3 testenv/testenv up, then eval \"$(testenv/testenv env)\" (KLM_SEARCH_NODE_URLS is {urls:?})"
-    );
-    urls
 }
 
 fn http() -> reqwest::Client {
