@@ -19,7 +19,7 @@ use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{CustomResourceExt, ResourceExt};
-use kube_lock_manager::crd::{DistributedLock, Phase};
+use kube_lock_manager::crd::{DistributedLock, Phase, Semaphore};
 use kube_lock_manager::engine::EngineArgs;
 use kube_lock_manager::lock::LockClient;
 use serde_json::{Value, json};
@@ -184,7 +184,7 @@ impl Operator {
         }
     }
 
-    async fn wait_ready(&self) -> Duration {
+    async fn wait_ready(&mut self) -> Duration {
         let started = Instant::now();
         let url = format!("http://127.0.0.1:{}/readyz", self.port);
         loop {
@@ -192,6 +192,9 @@ impl Operator {
                 && r.status().is_success()
             {
                 return started.elapsed();
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("the operator exited ({status}) before it was ready: see bench/out/operator-*.log");
             }
             assert!(
                 started.elapsed() < Duration::from_secs(300),
@@ -819,13 +822,16 @@ async fn main() {
     let client = kube::Client::try_from(client_config).unwrap();
     let crds: Api<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> =
         Api::all(client.clone());
-    crds.patch(
-        "distributedlocks.lockmanager.dev",
-        &PatchParams::apply("bench").force(),
-        &Patch::Apply(&DistributedLock::crd()),
-    )
-    .await
-    .unwrap();
+    // both CRDs: the operator refuses to start without the Semaphore one
+    for crd in [DistributedLock::crd(), Semaphore::crd()] {
+        crds.patch(
+            &crd.name_any(),
+            &PatchParams::apply("bench").force(),
+            &Patch::Apply(&crd),
+        )
+        .await
+        .unwrap();
+    }
     let run = format!("bench-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
     let mut operator = Operator::start(&run);
     operator.wait_ready().await;

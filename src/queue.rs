@@ -172,12 +172,14 @@ pub enum MayGo {
 
 /// Requests of `key` that must be reconciled for the queue to move: those
 /// that may be able to go (see [`MayGo`]), and every waiter whose recorded
-/// position is stale.
+/// position is stale — unless writing its place is `deferred` (it looks
+/// again by itself; waking it would only wake the others again).
 pub fn needing_attention(
     all: &[Arc<DistributedLock>],
     key: &str,
     seen: &dyn Sightings,
     released: &dyn Fn(&DistributedLock) -> bool,
+    deferred: &dyn Fn(&DistributedLock) -> bool,
     may_go: MayGo,
 ) -> Vec<Arc<DistributedLock>> {
     let queue = waiters(all, key, seen);
@@ -190,7 +192,7 @@ pub fn needing_attention(
         .enumerate()
         .filter(|(i, l)| {
             let recorded = l.status.as_ref().and_then(|s| s.waiting_position);
-            (*i == 0 && head_may_go) || may_go == MayGo::Anyone || recorded != Some(*i as i32 + 1)
+            (*i == 0 && head_may_go) || may_go == MayGo::Anyone || (recorded != Some(*i as i32 + 1) && !deferred(l))
         })
         .map(|(_, l)| l.clone())
         .collect()
@@ -258,6 +260,7 @@ mod tests {
                 "ns/a",
                 &Unseen,
                 &|_| false,
+                &|_| false,
                 MayGo::HeadWhenFree
             )),
             ["second"]
@@ -271,11 +274,25 @@ mod tests {
                 "ns/a",
                 &Unseen,
                 &|_| false,
+                &|_| false,
                 MayGo::HeadWhenFree
             )),
             ["first", "second"]
         );
         assert_eq!(position(&waiters(&all, "ns/a", &Unseen), &all[2]), 2);
+        // a waiter whose place is held back is not woken for it; the head still is
+        let deferred = |l: &DistributedLock| l.name_any() != "nobody";
+        assert_eq!(
+            names(&needing_attention(
+                &all,
+                "ns/a",
+                &Unseen,
+                &|_| false,
+                &deferred,
+                MayGo::HeadWhenFree
+            )),
+            ["first"]
+        );
     }
 
     #[test]
@@ -284,7 +301,16 @@ mod tests {
         let first = with_phase(request("first", "ns", "a", 0, 2, 2), Phase::Pending, Some(1));
         let second = with_phase(request("second", "ns", "a", 0, 3, 3), Phase::Pending, Some(2));
         let all: Vec<_> = [holder_lock, first, second].into_iter().map(Arc::new).collect();
-        let attention = |may_go| names(&needing_attention(&all, "ns/a", &Unseen, &|_| false, may_go));
+        let attention = |may_go| {
+            names(&needing_attention(
+                &all,
+                "ns/a",
+                &Unseen,
+                &|_| false,
+                &|_| false,
+                may_go,
+            ))
+        };
         assert!(attention(MayGo::HeadWhenFree).is_empty());
         assert_eq!(attention(MayGo::Head), ["first"]);
         assert_eq!(attention(MayGo::Anyone), ["first", "second"]);
@@ -316,6 +342,7 @@ mod tests {
                 &all,
                 "ns/a",
                 &Unseen,
+                &|_| false,
                 &|_| false,
                 MayGo::HeadWhenFree
             )),

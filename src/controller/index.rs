@@ -43,7 +43,17 @@ pub struct QueueIndex {
     /// Waiting requests (by UID) whose token holds their key in the index: a
     /// grant nobody was told of (a crash between acquiring and writing Granted).
     untold_grants: Mutex<HashSet<String>>,
+    /// When each key last changed hands here (a grant or a release).
+    moved_at: Mutex<HashMap<String, Instant>>,
+    /// Waiters (by UID) whose new place is not written yet, since when.
+    place_deferred: Mutex<HashMap<String, Instant>>,
+    /// Requests (by UID) this controller wrote Granted, with the
+    /// resourceVersion of that write, until the cache shows it.
+    granted_rv: Mutex<HashMap<String, u64>>,
 }
+
+/// How many recently moved keys are remembered before old ones are dropped.
+const MOVED_KEYS_KEPT: usize = 1024;
 
 fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -88,6 +98,11 @@ impl QueueIndex {
 
     fn file(&self, lock: &DistributedLock) {
         if let (Some(uid), Some(rv)) = (lock.uid(), resource_version(lock)) {
+            let mut granted = locked(&self.granted_rv);
+            if granted.get(&uid).is_some_and(|written| rv >= *written) {
+                granted.remove(&uid);
+            }
+            drop(granted);
             locked(&self.first_seen).entry(uid).or_insert(rv);
         }
         let object = ObjectRef::from_obj(lock);
@@ -109,6 +124,8 @@ impl QueueIndex {
         if let Some(uid) = lock.uid() {
             locked(&self.first_seen).remove(&uid);
             locked(&self.released_uids).remove(&uid);
+            locked(&self.place_deferred).remove(&uid);
+            locked(&self.granted_rv).remove(&uid);
         }
         remove_filing(&mut locked(&self.entries), &ObjectRef::from_obj(lock));
     }
@@ -141,8 +158,66 @@ impl QueueIndex {
         locked(&self.jobs_first_seen).get(&job.uid()?).copied()
     }
 
+    /// Notes that `key` changed hands here just now.
+    pub fn mark_moved(&self, key: &str) {
+        let now = Instant::now();
+        let mut moved = locked(&self.moved_at);
+        if moved.len() >= MOVED_KEYS_KEPT {
+            moved.retain(|_, at| now.duration_since(*at) < super::pending::PLACE_QUIET);
+        }
+        moved.insert(key.to_string(), now);
+    }
+
+    /// How long ago `key` last changed hands here, if it did lately.
+    pub fn moved_ago(&self, key: &str) -> Option<std::time::Duration> {
+        locked(&self.moved_at).get(key).map(Instant::elapsed)
+    }
+
+    /// How long the new place of this waiter has gone unwritten (starting
+    /// the count now if it was written).
+    pub fn place_deferred_for(&self, lock: &DistributedLock) -> std::time::Duration {
+        let Some(uid) = lock.uid() else {
+            return std::time::Duration::ZERO;
+        };
+        locked(&self.place_deferred)
+            .entry(uid)
+            .or_insert_with(Instant::now)
+            .elapsed()
+    }
+
+    /// True while this waiter's new place is held back.
+    pub fn place_deferred(&self, lock: &DistributedLock) -> bool {
+        lock.uid()
+            .is_some_and(|uid| locked(&self.place_deferred).contains_key(&uid))
+    }
+
+    /// The waiter's place is written (or no longer needs to be).
+    pub fn place_written(&self, lock: &DistributedLock) {
+        if let Some(uid) = lock.uid() {
+            locked(&self.place_deferred).remove(&uid);
+        }
+    }
+
+    /// Notes that this controller wrote Granted on `lock` at resourceVersion `rv`.
+    pub fn wrote_grant(&self, lock: &DistributedLock, rv: Option<String>) {
+        if let (Some(uid), Some(rv)) = (lock.uid(), rv.and_then(|rv| rv.parse().ok())) {
+            locked(&self.granted_rv).insert(uid, rv);
+        }
+    }
+
+    /// True when the cache still shows a copy older than the Granted status
+    /// this controller wrote: deciding on it would acquire again (the newer
+    /// copy is on its way and triggers the next reconcile).
+    pub fn behind_own_grant(&self, lock: &DistributedLock) -> bool {
+        let (Some(uid), Some(rv)) = (lock.uid(), resource_version(lock)) else {
+            return false;
+        };
+        locked(&self.granted_rv).get(&uid).is_some_and(|written| rv < *written)
+    }
+
     /// Notes that this controller released `lock`'s grant of `key` just now.
     pub fn mark_released(&self, key: &str, lock: Option<&DistributedLock>) {
+        self.mark_moved(key);
         locked(&self.released_at).insert(key.to_string(), Instant::now());
         if let Some(uid) = lock.and_then(|l| l.uid()) {
             locked(&self.released_uids).insert(uid);

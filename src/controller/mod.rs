@@ -71,6 +71,7 @@ pub struct Context {
 impl Context {
     /// Runs one lock index call: times it, counts failures, and keeps the
     /// index's health (readiness, the waiters' IndexReachable condition) current.
+    #[tracing::instrument(level = "debug", name = "engine", skip(self, lock, call))]
     pub async fn engine<T>(
         &self,
         operation: &'static str,
@@ -317,6 +318,10 @@ pub async fn reconcile(lock: Arc<DistributedLock>, ctx: Arc<Context>) -> Result<
     let namespace = lock
         .namespace()
         .ok_or_else(|| Error::Invalid("DistributedLock without a namespace".into()))?;
+    // a copy from before our own Granted write: the newer one is on its way
+    if ctx.index.behind_own_grant(&lock) {
+        return Ok(Action::await_change());
+    }
     let api: Api<DistributedLock> = Api::namespaced(ctx.client.clone(), &namespace);
     if lock.metadata.deletion_timestamp.is_none() && !lock.finalizers().iter().any(|f| f == FINALIZER) {
         return arrive(&Api::namespaced(ctx.client.clone(), &namespace), &lock, &ctx).await;
@@ -389,6 +394,7 @@ async fn apply(lock: Arc<DistributedLock>, ctx: &Context) -> Result<Action> {
 /// Deletion: release the lock (token-fenced; "already released" is fine),
 /// whatever the status says — a crash between acquiring and writing the
 /// status leaves a grant the status does not show — then let the next in.
+#[tracing::instrument(level = "debug", skip_all)]
 async fn cleanup(lock: Arc<DistributedLock>, ctx: &Context) -> Result<Action> {
     let key = queue::lock_key(&lock);
     // A suspend-gated request deleted along with its Job (garbage collection):
@@ -488,7 +494,9 @@ fn wake_queue(ctx: &Context, key: &str, except: Option<&DistributedLock>, freed:
         Some(s) if s.spec.queueing == crate::crd::Queueing::BestEffortFIFO => queue::MayGo::Anyone,
         Some(_) => queue::MayGo::Head,
     };
-    for lock in queue::needing_attention(&members, key, ctx, &|l| ctx.index.just_released(l), may_go) {
+    let released = |l: &DistributedLock| ctx.index.just_released(l);
+    let deferred = |l: &DistributedLock| ctx.index.place_deferred(l);
+    for lock in queue::needing_attention(&members, key, ctx, &released, &deferred, may_go) {
         if except.is_none_or(|me| me.uid() != lock.uid()) {
             let _ = ctx.wake.send(ObjectRef::from_obj(lock.as_ref()));
         }

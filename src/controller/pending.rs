@@ -287,8 +287,10 @@ pub async fn reconcile(lock: Arc<DistributedLock>, ctx: &Context, key: &str) -> 
                 }
                 _ => recheck,
             };
-            wait(&lock, ctx, view.position, reason, &message).await?;
-            Ok(Action::requeue(recheck))
+            match wait(&lock, ctx, key, view.position, reason, &message).await? {
+                Some(later) => Ok(Action::requeue(later.min(recheck))),
+                None => Ok(Action::requeue(recheck)),
+            }
         }
         PendingStep::Acquire {
             ttl,
@@ -328,16 +330,54 @@ struct Ask {
     position: usize,
 }
 
-/// Writes a waiting status; a gated Job is told (an Event) when its place changes.
-async fn wait(lock: &DistributedLock, ctx: &Context, position: usize, reason: &str, message: &str) -> Result<()> {
+/// A waiter's new place is written once its key has not changed hands here
+/// for this long...
+pub const PLACE_QUIET: Duration = Duration::from_millis(200);
+/// ...or once it has waited this long to be written.
+pub const PLACE_MAX_DELAY: Duration = Duration::from_secs(1);
+
+/// Whether to hold back a write that only moves a waiter's place (pure):
+/// while its key changes hands here, every handoff moves every waiter, and
+/// writing each move would put one API write per waiter in front of the next
+/// grant's. `Some(wait)`: look again after `wait`; `None`: write now.
+pub fn defer_place(key_moved_ago: Option<Duration>, deferred_for: Duration) -> Option<Duration> {
+    let quiet_in = PLACE_QUIET.checked_sub(key_moved_ago?).filter(|d| !d.is_zero())?;
+    let due_in = PLACE_MAX_DELAY.checked_sub(deferred_for).filter(|d| !d.is_zero())?;
+    Some(quiet_in.min(due_in).max(Duration::from_millis(10)))
+}
+
+/// Writes a waiting status; a gated Job is told (an Event) when its place
+/// changes. A change of place alone may be held back while the key changes
+/// hands ([`defer_place`]): `Some(wait)` says when to look again.
+async fn wait(
+    lock: &DistributedLock,
+    ctx: &Context,
+    key: &str,
+    position: usize,
+    reason: &str,
+    message: &str,
+) -> Result<Option<Duration>> {
     let next = status::pending(lock, &ctx.arrival(lock), position, reason, message, &ctx.index_health());
+    if lock.status.as_ref() == Some(&next) {
+        ctx.index.place_written(lock);
+        return Ok(None);
+    }
+    if lock
+        .status
+        .as_ref()
+        .is_some_and(|current| status::only_place_changed(current, &next))
+        && let Some(later) = defer_place(ctx.index.moved_ago(key), ctx.index.place_deferred_for(lock))
+    {
+        return Ok(Some(later));
+    }
     let moved = lock.status.as_ref().and_then(|s| s.waiting_position) != next.waiting_position;
     status::write(&ctx.client, lock, next).await?;
+    ctx.index.place_written(lock);
     if moved && let Some(job) = ctx.gating_job(lock) {
         let job_ref = kube::Resource::object_ref(job.as_ref(), &());
         super::events::placed(&ctx.recorder, &job_ref, position, message.to_string()).await;
     }
-    Ok(())
+    Ok(None)
 }
 
 /// The permits of a semaphore key as `waiters[me]` sees them: this cluster's
@@ -422,6 +462,7 @@ fn permit_view(
 /// Head of the queue and nobody here holds the lock: acquire. The token is the
 /// request's UID, so a controller that crashed between acquiring and writing
 /// the status gets the same grant back instead of a stuck lock.
+#[tracing::instrument(level = "debug", skip_all)]
 async fn acquire(lock: Arc<DistributedLock>, ctx: &Context, key: &str, ask: Ask) -> Result<Action> {
     let Ask {
         ttl,
@@ -482,7 +523,9 @@ async fn acquire(lock: Arc<DistributedLock>, ctx: &Context, key: &str, ask: Ask)
     // fresh copy: Granted renews it, the head re-acquires it (same token), and
     // a waiter that is no longer the head gives it back once the API server
     // confirms nobody was told (give_back_untold_grant).
-    status::write(&ctx.client, &lock, next).await?;
+    let written = status::write(&ctx.client, &lock, next).await?;
+    ctx.index.wrote_grant(&lock, written);
+    ctx.index.mark_moved(key);
     ctx.metrics.granted(kind);
     if skipped {
         ctx.metrics.head_of_line_skips.inc();
@@ -574,12 +617,13 @@ async fn permits_in_use(
         holders: names,
     };
     let message = in_line(key, &capacity.summary(), position);
-    wait(lock, ctx, position, reason::WAITING, &message).await?;
+    let later = wait(lock, ctx, key, position, reason::WAITING, &message).await?;
     let first_expiry = state.holders.iter().map(|h| h.expires_at).min();
     let retry = first_expiry.map_or(ctx.max_retry_interval, |at| {
         (at - Utc::now()).to_std().unwrap_or_default() + Duration::from_millis(20)
     });
     let retry = retry.clamp(Duration::from_millis(20), ctx.max_retry_interval);
+    let retry = later.map_or(retry, |later| later.min(retry));
     Ok(Action::requeue(deadline.map_or(retry, |d| d.min(retry))))
 }
 
@@ -627,8 +671,9 @@ async fn kind_mismatch(
             "waiting for {key}: the lock index holds it as a semaphore{limit} that no Semaphore here governs; create a Semaphore for it, or remove it when unused (lockctl semaphore delete)"
         )
     };
-    wait(lock, ctx, position, reason::KIND_MISMATCH, &message).await?;
-    Ok(Action::requeue(Duration::from_secs(2).min(ctx.max_retry_interval)))
+    let later = wait(lock, ctx, key, position, reason::KIND_MISMATCH, &message).await?;
+    let retry = Duration::from_secs(2).min(ctx.max_retry_interval);
+    Ok(Action::requeue(later.map_or(retry, |later| later.min(retry))))
 }
 
 /// Held outside this cluster (CLI, another cluster): look again no later than
@@ -883,6 +928,55 @@ mod tests {
             decide(&lock, Ok(()), HolderState::Unbound, &head(), at(1)),
             PendingStep::Acquire { metadata, .. } if metadata["owner"] == "team-a"
         ));
+    }
+
+    #[test]
+    fn a_place_alone_is_written_once_the_key_is_quiet_or_after_at_most_a_second() {
+        let ms = Duration::from_millis;
+        // the key has not changed hands lately: write now
+        assert_eq!(defer_place(None, ms(0)), None);
+        assert_eq!(defer_place(Some(PLACE_QUIET), ms(0)), None);
+        // it just did: look again when it has been quiet for PLACE_QUIET
+        assert_eq!(defer_place(Some(ms(50)), ms(0)), Some(PLACE_QUIET - ms(50)));
+        // but never hold a place back longer than PLACE_MAX_DELAY
+        assert_eq!(defer_place(Some(ms(50)), PLACE_MAX_DELAY - ms(30)), Some(ms(30)));
+        assert_eq!(defer_place(Some(ms(50)), PLACE_MAX_DELAY), None);
+        assert_eq!(defer_place(Some(ms(0)), ms(5000)), None);
+    }
+
+    #[test]
+    fn only_a_change_of_place_may_be_held_back() {
+        let lock = request("a", "ns", "k", 0, 10, 42);
+        let arrival = queue::Arrival::recorded(&lock).unwrap_or(queue::Arrival { at: None, sequence: 42 });
+        let health = status::IndexHealth::Reachable;
+        let third = status::pending(&lock, &arrival, 3, reason::WAITING, "held by x; 3rd in line", &health);
+        let mut waiting = lock.clone();
+        waiting.status = Some(third.clone());
+        let second = status::pending(
+            &waiting,
+            &arrival,
+            2,
+            reason::WAITING,
+            "held by y; 2nd in line",
+            &health,
+        );
+        assert!(status::only_place_changed(&third, &second));
+        // a new reason, a failing index or a grant is written at once
+        let other = status::pending(&waiting, &arrival, 2, reason::HELD_ELSEWHERE, "held outside", &health);
+        assert!(!status::only_place_changed(&third, &other));
+        let failing = status::IndexHealth::Failing(reason::INDEX_UNREACHABLE, "down".into());
+        let down = status::pending(
+            &waiting,
+            &arrival,
+            3,
+            reason::WAITING,
+            "held by x; 3rd in line",
+            &failing,
+        );
+        assert!(!status::only_place_changed(&third, &down));
+        let mut granted = second.clone();
+        granted.phase = Some(Phase::Granted);
+        assert!(!status::only_place_changed(&third, &granted));
     }
 
     #[test]

@@ -75,6 +75,24 @@ pub fn pending(
     next
 }
 
+/// True when `next` differs from `current` only in a waiter's place: its
+/// `waitingPosition` and the words of its Granted condition (who holds the
+/// key, how many are ahead). Both must be Pending with the same reasons; a
+/// change of phase, reason, arrival or index health is never only that.
+pub fn only_place_changed(current: &DistributedLockStatus, next: &DistributedLockStatus) -> bool {
+    let without_place = |status: &DistributedLockStatus| {
+        let mut status = status.clone();
+        status.waiting_position = None;
+        for c in status.conditions.iter_mut().filter(|c| c.type_ == GRANTED) {
+            c.message.clear();
+        }
+        status
+    };
+    current.phase == Some(Phase::Pending)
+        && next.phase == Some(Phase::Pending)
+        && without_place(current) == without_place(next)
+}
+
 /// The status of a request the controller has just seen for the first time:
 /// its place in line, recorded before anything else about it is written.
 pub fn arrived(lock: &DistributedLock, arrival: &Arrival) -> DistributedLockStatus {
@@ -231,6 +249,7 @@ pub fn set_condition_in(
 /// decided on a stale copy (say, Pending, while a newer reconcile already
 /// wrote Granted) is refused (`Error::Stale`) instead of overwriting the newer one.
 /// Returns the request's resourceVersion after the write.
+#[tracing::instrument(level = "debug", skip_all, fields(phase = ?next.phase))]
 pub async fn write(
     client: &kube::Client,
     lock: &DistributedLock,
