@@ -28,6 +28,15 @@ use tokio::sync::Notify;
 #[path = "plots.rs"]
 mod plots;
 
+#[path = "breakdown.rs"]
+mod breakdown;
+
+/// `BENCH_BREAKDOWN=1`: the operator logs its span timings and the handoff
+/// scenario adds where each handoff's time went.
+fn breakdown_wanted() -> bool {
+    std::env::var("BENCH_BREAKDOWN").is_ok_and(|v| v == "1")
+}
+
 const LABEL: &str = "test-run";
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -83,6 +92,8 @@ fn value_row(scenario: &str, value: f64, unit: &str, note: &str) -> Row {
 #[derive(Default)]
 struct Observer {
     granted: Mutex<HashMap<String, Instant>>,
+    /// The same moments by the wall clock (to line up with the operator's log).
+    granted_wall: Mutex<HashMap<String, std::time::SystemTime>>,
     notify: Notify,
 }
 
@@ -102,6 +113,11 @@ impl Observer {
                     let granted = lock.status.as_ref().and_then(|s| s.phase) == Some(Phase::Granted);
                     if granted {
                         let key = format!("{}/{}", lock.namespace().unwrap_or_default(), lock.name_any());
+                        seen.granted_wall
+                            .lock()
+                            .unwrap()
+                            .entry(key.clone())
+                            .or_insert_with(std::time::SystemTime::now);
                         seen.granted.lock().unwrap().entry(key).or_insert_with(Instant::now);
                         seen.notify.notify_waiters();
                     }
@@ -171,8 +187,15 @@ impl Operator {
             ])
             .env(
                 "RUST_LOG",
-                std::env::var("BENCH_OPERATOR_LOG").unwrap_or_else(|_| "warn".into()),
+                std::env::var("BENCH_OPERATOR_LOG").unwrap_or_else(|_| {
+                    if breakdown_wanted() {
+                        "warn,kube_lock_manager::controller=debug".into()
+                    } else {
+                        "warn".into()
+                    }
+                }),
             )
+            .env("KLM_LOG_SPANS", if breakdown_wanted() { "1" } else { "0" })
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -250,6 +273,8 @@ struct Bench {
     observer: Arc<Observer>,
     /// Every namespace a scenario made, to clean up at the end.
     namespaces: Mutex<Vec<String>>,
+    /// The "holder deleted" handoffs, for the breakdown.
+    handoffs: Mutex<Vec<breakdown::Handoff>>,
 }
 
 impl Bench {
@@ -374,6 +399,7 @@ impl Bench {
         let mut samples = Vec::new();
         for _ in 0..self.n(200, 20) {
             let successor = queue.pop_front().unwrap();
+            let sent = std::time::SystemTime::now();
             let started = Instant::now();
             if via_job {
                 let now = chrono::Utc::now().to_rfc3339();
@@ -388,6 +414,22 @@ impl Bench {
             }
             let at = self.observer.granted_at(&ns, &successor, Duration::from_secs(30)).await;
             samples.push(at.duration_since(started).as_secs_f64() * 1000.0);
+            if !via_job
+                && let Some(seen) = self
+                    .observer
+                    .granted_wall
+                    .lock()
+                    .unwrap()
+                    .get(&format!("{ns}/{successor}"))
+            {
+                self.handoffs.lock().unwrap().push(breakdown::Handoff {
+                    namespace: ns.clone(),
+                    holder: holder.clone(),
+                    successor: successor.clone(),
+                    sent,
+                    seen: *seen,
+                });
+            }
             holder = successor;
             queue.push_back(create(next).await);
             next += 1;
@@ -842,6 +884,7 @@ async fn main() {
         quick,
         observer,
         namespaces: Mutex::new(Vec::new()),
+        handoffs: Mutex::new(Vec::new()),
     };
 
     let mut rows = Vec::new();
@@ -856,6 +899,23 @@ async fn main() {
         report(bench.handoff_floor(&url).await, &mut rows);
         report(bench.handoff_latency(false).await, &mut rows);
         report(bench.handoff_latency(true).await, &mut rows);
+        if breakdown_wanted() {
+            let log =
+                std::fs::read_to_string(format!("bench/out/operator-{}.log", std::process::id())).unwrap_or_default();
+            let handoffs = bench.handoffs.lock().unwrap();
+            let steps = breakdown::steps(&log, &handoffs);
+            eprintln!(
+                "bench: breakdown of {} handoffs from the operator's spans",
+                handoffs.len()
+            );
+            for (step, samples) in steps {
+                rows.push(latency_row(
+                    step,
+                    samples,
+                    "BENCH_BREAKDOWN=1: operator spans + bench clock",
+                ));
+            }
+        }
     }
     if wants("peer") {
         match bench.lease_peer().await {
