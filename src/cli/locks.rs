@@ -51,7 +51,8 @@ pub struct AcquireArgs {
     /// Who holds it (display text).
     #[arg(long)]
     pub holder: Option<String>,
-    /// Keep retrying for this long while someone else holds the lock (or the permits do not fit).
+    /// Wait this long for the lock (or the permits), in line with the other
+    /// `--wait` clients of the key: served in arrival order.
     #[arg(long, value_parser = parse_duration)]
     pub wait: Option<Duration>,
     #[command(flatten)]
@@ -96,7 +97,8 @@ pub struct ExecArgs {
     pub lock_id: String,
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub ttl: Duration,
-    /// Keep retrying for this long while someone else holds the lock (or the permits do not fit).
+    /// Wait this long for the lock (or the permits), in line with the other
+    /// `--wait` clients of the key: served in arrival order.
     #[arg(long, value_parser = parse_duration)]
     pub wait: Option<Duration>,
     #[arg(long, value_parser = parse_metadata)]
