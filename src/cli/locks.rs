@@ -363,7 +363,18 @@ pub async fn exec(args: ExecArgs) -> Result<i32, CliError> {
     let held = loop {
         attempts += 1;
         let wait = deadline.map(|d| d.saturating_duration_since(std::time::Instant::now()));
-        let held = match take(&client, &want, wait).await {
+        let taken = if attempts == 1 {
+            take(&client, &want, wait).await
+        } else {
+            // a retake: at once by the same token, which still holds the
+            // lock unless someone else took it meanwhile; only then in line
+            // (joining the end while holding the lock would stall everyone)
+            match take(&client, &want, None).await {
+                Ok(Taken::NotGranted(_)) => take(&client, &want, wait).await,
+                other => other,
+            }
+        };
+        let held = match taken {
             Ok(Taken::Held(held)) => held,
             Ok(Taken::NotGranted(why)) => {
                 eprintln!("lockctl: could not acquire: {why}");
