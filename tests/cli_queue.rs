@@ -227,6 +227,12 @@ async fn a_waiter_that_times_out_or_is_interrupted_leaves_the_line() {
     // joined behind another waiter, gives up after 1 s: exit 1, one line
     let first = spawn_exec(&url, &id, &[], "true");
     in_line(&client, &id, 1).await;
+    // the queue document is no lock: no lock call can address it, and the
+    // index still grants
+    let out = run(&url, &["get", &kube_lock_manager::lock::queue_id(&id)]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("invalid lock id"), "{}", stderr(&out));
+    assert_eq!(run(&url, &["index", "status"]).status.code(), Some(0));
     let started = Instant::now();
     let out = run(&url, &["acquire", &id, "--wait", "1s"]);
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
