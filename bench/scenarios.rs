@@ -6,7 +6,7 @@
 //! Environment: KUBECONFIG and ELASTICSEARCH_URL (from `testenv/testenv env`),
 //! LEASE_PEER_BIN (the Go peer), BENCH_QUICK=1 for small sample counts,
 //! ETCD_PEER_BIN and ETCD_ENDPOINT (the etcd concurrency.Mutex peer),
-//! BENCH_SCENARIOS=grant,handoff,peer,etcd,engine,throughput,scale to choose.
+//! BENCH_SCENARIOS=grant,handoff,peer,etcd,engine,cliwait,throughput,scale to choose.
 
 use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
@@ -625,6 +625,118 @@ impl Bench {
         ]
     }
 
+    /// 4b. `lockctl exec --wait` waiters: 1 holder + 10 CLI waiters on one
+    /// key, each waiter running again (and so queueing at the end again)
+    /// after its turn; the handoff as a user sees it (one command's end →
+    /// the next command's start) and the load the waiting puts on the engine,
+    /// from the lock index's own `_stats` (this scenario has its own index).
+    async fn cli_waiters(&self, url: &str) -> Vec<Row> {
+        const WAITERS: usize = 10;
+        const HOLD: &str = "0.2";
+        let prefix = "bench-cliwait";
+        let locks = LockClient::from_args(&EngineArgs {
+            index_prefix: prefix.into(),
+            ..EngineArgs::for_url(url)
+        })
+        .unwrap();
+        locks.ensure_ready().await.unwrap();
+        let key = format!("cliwait-{}", self.run);
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("log");
+        let holder = locks
+            .acquire(&key, Duration::from_secs(120), json!({}))
+            .await
+            .unwrap()
+            .unwrap();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let script = format!(
+            "echo \"start $(date +%s%N)\" >> {log}; sleep {HOLD}; echo \"end $(date +%s%N)\" >> {log}",
+            log = log.display()
+        );
+        let loops: Vec<_> = (0..WAITERS)
+            .map(|_| {
+                let (stop, key, script, url) = (stop.clone(), key.clone(), script.clone(), url.to_string());
+                std::thread::spawn(move || {
+                    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                        let status = Command::new(env!("CARGO_BIN_EXE_lockctl"))
+                            .args(["exec", &key, "--wait", "10m", "--", "sh", "-c", &script])
+                            .env("ELASTICSEARCH_URL", &url)
+                            .env("LOCK_INDEX_PREFIX", prefix)
+                            .stdout(Stdio::null())
+                            .status()
+                            .expect("run lockctl exec");
+                        assert!(status.success(), "lockctl exec failed: {status}");
+                    }
+                })
+            })
+            .collect();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while locks.waiters(&key).await.unwrap().len() < WAITERS {
+            assert!(Instant::now() < deadline, "the waiters never all joined the line");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // the load of waiting alone: the holder does nothing meanwhile
+        let window = Duration::from_secs(if self.quick { 5 } else { 20 });
+        let before = index_ops(url, locks.index()).await;
+        let started = Instant::now();
+        tokio::time::sleep(window).await;
+        let waiting = (index_ops(url, locks.index()).await - before) / started.elapsed().as_secs_f64();
+        // handoffs
+        let n = self.n(200, 20);
+        let before = index_ops(url, locks.index()).await;
+        let started = Instant::now();
+        assert!(locks.release(&key, &holder.token).await.unwrap());
+        let deadline = Instant::now() + Duration::from_secs(600);
+        let events = loop {
+            let events: Vec<(String, u128)> = std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| {
+                    let (what, at) = l.split_once(' ')?;
+                    Some((what.to_string(), at.trim().parse().ok()?))
+                })
+                .collect();
+            if events.iter().filter(|e| e.0 == "start").count() > n {
+                break events;
+            }
+            assert!(Instant::now() < deadline, "fewer than {n} handoffs in 600 s");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let handing_off = (index_ops(url, locks.index()).await - before) / started.elapsed().as_secs_f64();
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let samples: Vec<f64> = events
+            .windows(2)
+            .filter(|w| w[0].0 == "end" && w[1].0 == "start")
+            .map(|w| w[1].1.saturating_sub(w[0].1) as f64 / 1e6)
+            .take(n)
+            .collect();
+        let overlaps = events.windows(2).filter(|w| w[0].0 == w[1].0).count();
+        assert_eq!(overlaps, 0, "two commands ran at once");
+        for handle in loops {
+            handle.join().unwrap();
+        }
+        let per = |ops: OpsRate| ops.total() / WAITERS as f64;
+        vec![
+            latency_row(
+                "CLI waiters: handoff (command ends → next command starts)",
+                samples,
+                "1 holder + 10 `lockctl exec --wait`, 200 ms commands, each waiter rejoins at the end; goal p50 ≤ 100 ms",
+            ),
+            value_row(
+                "CLI waiters: engine operations/s per waiter, waiting",
+                per(waiting),
+                "ops/s",
+                &format!("10 waiters, no handoff; all of them together: {waiting}"),
+            ),
+            value_row(
+                "CLI waiters: engine operations/s per waiter, handing off",
+                per(handing_off),
+                "ops/s",
+                &format!("10 waiters; all of them together: {handing_off}"),
+            ),
+        ]
+    }
+
     /// 5. Lock cycles per second through the CRD path, and the raw status-patch ceiling.
     async fn throughput(&self) -> Vec<Row> {
         let mut rows = Vec::new();
@@ -855,8 +967,8 @@ impl Bench {
 async fn main() {
     let url = std::env::var("ELASTICSEARCH_URL").expect("ELASTICSEARCH_URL (run bench/run)");
     let quick = std::env::var("BENCH_QUICK").is_ok_and(|v| v == "1");
-    let wanted =
-        std::env::var("BENCH_SCENARIOS").unwrap_or_else(|_| "grant,handoff,peer,etcd,engine,throughput,scale".into());
+    let wanted = std::env::var("BENCH_SCENARIOS")
+        .unwrap_or_else(|_| "grant,handoff,peer,etcd,engine,cliwait,throughput,scale".into());
     let wants = |s: &str| wanted.split(',').any(|w| w == s);
     std::fs::create_dir_all("bench/out").unwrap();
     let mut client_config = kube::Config::infer().await.expect("KUBECONFIG (run bench/run)");
@@ -931,6 +1043,11 @@ async fn main() {
     }
     if wants("engine") {
         for row in bench.engine_floor(&url).await {
+            report(row, &mut rows);
+        }
+    }
+    if wants("cliwait") {
+        for row in bench.cli_waiters(&url).await {
             report(row, &mut rows);
         }
     }
@@ -1070,6 +1187,66 @@ fn write_plots(rows: &[Row]) {
         }
     }
     eprintln!("bench: wrote bench/out/handoff-cdf.svg and bench/out/scale.svg");
+}
+
+/// Operations on one index, from its `_stats` (primaries): realtime gets
+/// (also the one inside every update), writes (index + delete) and
+/// scripted updates that changed nothing.
+#[derive(Clone, Copy, Debug, Default)]
+struct OpsRate {
+    gets: f64,
+    writes: f64,
+    noops: f64,
+}
+
+impl OpsRate {
+    fn total(&self) -> f64 {
+        self.gets + self.writes + self.noops
+    }
+}
+
+impl std::ops::Sub for OpsRate {
+    type Output = OpsRate;
+    fn sub(self, other: OpsRate) -> OpsRate {
+        OpsRate {
+            gets: self.gets - other.gets,
+            writes: self.writes - other.writes,
+            noops: self.noops - other.noops,
+        }
+    }
+}
+
+impl std::ops::Div<f64> for OpsRate {
+    type Output = OpsRate;
+    fn div(self, secs: f64) -> OpsRate {
+        OpsRate {
+            gets: self.gets / secs,
+            writes: self.writes / secs,
+            noops: self.noops / secs,
+        }
+    }
+}
+
+impl std::fmt::Display for OpsRate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:.1} gets/s, {:.1} writes/s, {:.1} no-op updates/s",
+            self.gets, self.writes, self.noops
+        )
+    }
+}
+
+async fn index_ops(url: &str, index: &str) -> OpsRate {
+    let stats_url = format!("{}/{index}/_stats/indexing,get", url.trim_end_matches('/'));
+    let stats: Value = reqwest::get(&stats_url).await.unwrap().json().await.unwrap();
+    let primaries = &stats["_all"]["primaries"];
+    let count = |section: &str, field: &str| primaries[section][field].as_f64().unwrap_or(0.0);
+    OpsRate {
+        gets: count("get", "total"),
+        writes: count("indexing", "index_total") + count("indexing", "delete_total"),
+        noops: count("indexing", "noop_update_total"),
+    }
 }
 
 fn print_table(rows: &[Row]) {

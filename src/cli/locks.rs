@@ -51,7 +51,8 @@ pub struct AcquireArgs {
     /// Who holds it (display text).
     #[arg(long)]
     pub holder: Option<String>,
-    /// Keep retrying for this long while someone else holds the lock (or the permits do not fit).
+    /// Wait this long for the lock (or the permits), in line with the other
+    /// `--wait` clients of the key: served in arrival order.
     #[arg(long, value_parser = parse_duration)]
     pub wait: Option<Duration>,
     #[command(flatten)]
@@ -96,7 +97,8 @@ pub struct ExecArgs {
     pub lock_id: String,
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub ttl: Duration,
-    /// Keep retrying for this long while someone else holds the lock (or the permits do not fit).
+    /// Wait this long for the lock (or the permits), in line with the other
+    /// `--wait` clients of the key: served in arrival order.
     #[arg(long, value_parser = parse_duration)]
     pub wait: Option<Duration>,
     #[arg(long, value_parser = parse_metadata)]
@@ -193,23 +195,80 @@ struct Held {
 /// How often `exec` takes a lock again whose grant came back too late to rely on.
 const STALE_GRANT_ATTEMPTS: u32 = 5;
 
-/// Acquires what `want` asks for, retrying until `wait` has passed. Without
-/// a grant: one line saying why (who holds it).
-async fn take(client: &LockClient, want: &Want, wait: Option<Duration>) -> Result<Result<Held, String>, CliError> {
+/// What came of waiting for a lock.
+enum Taken {
+    Held(Held),
+    /// Not granted: one line saying why (who holds it).
+    NotGranted(String),
+    /// SIGINT or SIGTERM while waiting in line: the exit code (128 + signal).
+    Interrupted(i32),
+}
+
+/// Acquires what `want` asks for. With a `wait`, in line with the other
+/// waiters of the key (arrival order; see `lock::WaitQueue`); SIGINT or
+/// SIGTERM meanwhile leave the line and give back a grant that may have
+/// come with the signal.
+async fn take(client: &LockClient, want: &Want, wait: Option<Duration>) -> Result<Taken, CliError> {
+    use tokio::signal::unix::{SignalKind, signal};
+
     let wait = wait.unwrap_or_default();
-    Ok(match want {
-        Want::Mutex(req) => match client.acquire_timed(req, wait).await? {
-            Some(grant) => Ok(Held { grant, permits: None }),
-            None => Err(format!("lock {:?} is held by someone else", req.lock_id)),
-        },
-        Want::Permits(req) => match client.acquire_permits_timed(req, wait).await? {
-            Ok(taken) => Ok(Held {
-                grant: taken.grant,
-                permits: Some((taken.permits, taken.exclusive)),
-            }),
-            Err(semaphore) => Err(why_full(&semaphore, req)),
-        },
-    })
+    if wait.is_zero() {
+        return Ok(match want {
+            Want::Mutex(req) => match client.acquire_timed(req, wait).await? {
+                Some(grant) => Taken::Held(Held { grant, permits: None }),
+                None => Taken::NotGranted(held_elsewhere(&req.lock_id)),
+            },
+            Want::Permits(req) => match client.acquire_permits_timed(req, wait).await? {
+                Ok(taken) => Taken::Held(taken.into()),
+                Err(semaphore) => Taken::NotGranted(why_full(&semaphore, req)),
+            },
+        });
+    }
+    let (holder, permits) = match want {
+        Want::Mutex(req) => (req.holder.clone(), None),
+        Want::Permits(req) => (req.base.holder.clone(), Some((req.permits, req.exclusive))),
+    };
+    let line = client.wait_queue(want.lock_id(), want.token(), holder, permits)?;
+    let waiting = async {
+        Ok::<_, CliError>(match want {
+            Want::Mutex(req) => match line.acquire(req, wait).await? {
+                Some(grant) => Taken::Held(Held { grant, permits: None }),
+                None => Taken::NotGranted(held_elsewhere(&req.lock_id)),
+            },
+            Want::Permits(req) => match line.acquire_permits(req, wait).await? {
+                Ok(taken) => Taken::Held(taken.into()),
+                Err(semaphore) => Taken::NotGranted(why_full(&semaphore, req)),
+            },
+        })
+    };
+    let mut sigterm = signal(SignalKind::terminate()).map_err(CliError::Signal)?;
+    let mut sigint = signal(SignalKind::interrupt()).map_err(CliError::Signal)?;
+    let signal = tokio::select! {
+        taken = waiting => return taken,
+        _ = sigterm.recv() => nix::sys::signal::Signal::SIGTERM,
+        _ = sigint.recv() => nix::sys::signal::Signal::SIGINT,
+    };
+    // best effort: the entry expires, and so would a grant
+    let _ = line.leave().await;
+    let _ = client.release(want.lock_id(), want.token()).await;
+    eprintln!(
+        "lockctl: stopped waiting for lock {:?} ({signal}); left the line",
+        want.lock_id()
+    );
+    Ok(Taken::Interrupted(128 + signal as i32))
+}
+
+fn held_elsewhere(lock_id: &str) -> String {
+    format!("lock {lock_id:?} is held by someone else")
+}
+
+impl From<crate::lock::PermitGrant> for Held {
+    fn from(taken: crate::lock::PermitGrant) -> Self {
+        Held {
+            grant: taken.grant,
+            permits: Some((taken.permits, taken.exclusive)),
+        }
+    }
 }
 
 pub async fn acquire(args: AcquireArgs) -> Result<i32, CliError> {
@@ -219,7 +278,7 @@ pub async fn acquire(args: AcquireArgs) -> Result<i32, CliError> {
         args.permits,
     );
     match take(&client, &want, args.wait).await? {
-        Ok(Held { grant, permits }) => {
+        Taken::Held(Held { grant, permits }) => {
             let lock = grant.lock;
             match args.output {
                 Output::Token => println!("{}", lock.token),
@@ -234,10 +293,11 @@ pub async fn acquire(args: AcquireArgs) -> Result<i32, CliError> {
             }
             Ok(0)
         }
-        Err(why) => {
+        Taken::NotGranted(why) => {
             eprintln!("lockctl: {why}");
             Ok(1)
         }
+        Taken::Interrupted(code) => Ok(code),
     }
 }
 
@@ -303,12 +363,24 @@ pub async fn exec(args: ExecArgs) -> Result<i32, CliError> {
     let held = loop {
         attempts += 1;
         let wait = deadline.map(|d| d.saturating_duration_since(std::time::Instant::now()));
-        let held = match take(&client, &want, wait).await {
-            Ok(Ok(held)) => held,
-            Ok(Err(why)) => {
+        let taken = if attempts == 1 {
+            take(&client, &want, wait).await
+        } else {
+            // a retake: at once by the same token, which still holds the
+            // lock unless someone else took it meanwhile; only then in line
+            // (joining the end while holding the lock would stall everyone)
+            match take(&client, &want, None).await {
+                Ok(Taken::NotGranted(_)) => take(&client, &want, wait).await,
+                other => other,
+            }
+        };
+        let held = match taken {
+            Ok(Taken::Held(held)) => held,
+            Ok(Taken::NotGranted(why)) => {
                 eprintln!("lockctl: could not acquire: {why}");
                 return Ok(EXIT_NOT_ACQUIRED);
             }
+            Ok(Taken::Interrupted(code)) => return Ok(code),
             // an acquire whose answer was lost may have been granted: give
             // it back by its token rather than leave it held for a whole ttl
             Err(e) => {

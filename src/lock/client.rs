@@ -222,15 +222,18 @@ impl LockClient {
     /// holds the lock, until `wait` has passed (zero: one attempt). The grant
     /// carries the send time of the attempt that won it.
     pub async fn acquire_timed(&self, req: &AcquireRequest, wait: Duration) -> Result<Option<Grant>, LockError> {
-        let outcome = retry_until_granted(wait, || async {
-            let sent_at = SystemTime::now();
-            Ok(match self.try_acquire(req).await? {
-                Some(lock) => Ok(Grant { lock, sent_at }),
-                None => Err(()),
-            })
-        })
-        .await?;
+        let outcome = retry_until_granted(wait, || self.try_acquire_timed(req)).await?;
         Ok(outcome.ok())
+    }
+
+    /// One attempt, with the send time of its request; `Err(())` when another
+    /// owner holds the lock.
+    pub(super) async fn try_acquire_timed(&self, req: &AcquireRequest) -> Result<Result<Grant, ()>, LockError> {
+        let sent_at = SystemTime::now();
+        Ok(match self.try_acquire(req).await? {
+            Some(lock) => Ok(Grant { lock, sent_at }),
+            None => Err(()),
+        })
     }
 
     /// Acquires, retrying with capped exponential backoff until `wait` has passed.
@@ -430,7 +433,7 @@ impl LockClient {
         answer.body["metadata"]["indices"][index]["primary_terms"]["0"].as_u64()
     }
 
-    async fn send<F, Fut>(&self, operation: &'static str, request: F) -> Result<Answer, LockError>
+    pub(super) async fn send<F, Fut>(&self, operation: &'static str, request: F) -> Result<Answer, LockError>
     where
         F: Fn() -> Fut,
         Fut: Future<Output = Result<Response, elasticsearch::Error>>,

@@ -14,6 +14,7 @@ mod recovery;
 pub mod scripts;
 mod semaphore;
 mod transport;
+mod waitqueue;
 mod with_lock;
 
 pub use assets::{IndexAssets, IndexState};
@@ -28,6 +29,7 @@ pub use model::{
 pub use recovery::IndexStatus;
 pub use semaphore::{MAX_PERMITS, PermitGrant, PermitHolder, PermitOutcome, PermitRequest, RetireOutcome, Semaphore};
 pub use transport::TRANSIENT_RETRIES;
+pub use waitqueue::{QueueDocument, WaitQueue, Waiter, queue_id};
 pub use with_lock::{LockHandle, WithLockOptions};
 
 /// An error and its causes on one line, for the single line `lockctl` prints.

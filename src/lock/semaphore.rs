@@ -381,18 +381,23 @@ impl LockClient {
         request: &PermitRequest,
         wait: Duration,
     ) -> Result<Result<PermitGrant, Semaphore>, LockError> {
-        retry_until_granted(wait, || async {
-            let sent_at = SystemTime::now();
-            Ok(self.grant_permits(request).await?.map(|holder| PermitGrant {
-                grant: Grant {
-                    lock: holder.to_lock(&request.base.lock_id),
-                    sent_at,
-                },
-                permits: holder.permits,
-                exclusive: holder.exclusive,
-            }))
-        })
-        .await
+        retry_until_granted(wait, || self.try_permits_timed(request)).await
+    }
+
+    /// One attempt at permits, with the send time of its request.
+    pub(super) async fn try_permits_timed(
+        &self,
+        request: &PermitRequest,
+    ) -> Result<Result<PermitGrant, Semaphore>, LockError> {
+        let sent_at = SystemTime::now();
+        Ok(self.grant_permits(request).await?.map(|holder| PermitGrant {
+            grant: Grant {
+                lock: holder.to_lock(&request.base.lock_id),
+                sent_at,
+            },
+            permits: holder.permits,
+            exclusive: holder.exclusive,
+        }))
     }
 
     #[tracing::instrument(skip(self, request), fields(lock_id = %request.base.lock_id, permits = request.permits, exclusive = request.exclusive))]
