@@ -487,6 +487,10 @@ async fn acquire(lock: Arc<DistributedLock>, ctx: &Context, key: &str, ask: Ask)
     let grant = match permits {
         None => match ctx.engine("acquire", &lock, ctx.locks.try_acquire(&request)).await {
             Ok(Some(grant)) => grant,
+            Ok(None) if leaving_holder_here(ctx, key, &lock) => {
+                // its release (on its way) wakes this request; nothing to write meanwhile
+                return Ok(Action::requeue(Duration::from_secs(1)));
+            }
             Ok(None) => return held_elsewhere(&lock, ctx, key, deadline).await,
             Err(Error::Lock(LockError::KindMismatch { .. })) => {
                 return kind_mismatch(&lock, ctx, key, position, false).await;
@@ -541,6 +545,17 @@ async fn acquire(lock: Arc<DistributedLock>, ctx: &Context, key: &str, ask: Ask)
     let note = format!("lock {key} granted with fencing token {}", grant.fencing_token);
     super::events::normal(&ctx.recorder, &super::object_ref(&lock), "Granted", note).await;
     Ok(Action::requeue(renew_period(ttl)))
+}
+
+/// True when this cluster's holder of `key` is on its way out (its request
+/// is being deleted, or this controller has just released it): a head woken
+/// by that may reach the lock index before the release does.
+fn leaving_holder_here(ctx: &Context, key: &str, lock: &DistributedLock) -> bool {
+    ctx.index.members(&ctx.store, key).iter().any(|m| {
+        m.uid() != lock.uid()
+            && queue::phase(m) == Phase::Granted
+            && (m.metadata.deletion_timestamp.is_some() || ctx.index.just_released(m))
+    })
 }
 
 /// A waiting request whose token holds its key: a grant it was never told of
