@@ -3,6 +3,8 @@
 
 mod common;
 
+use common::cli::{stderr, stdout};
+
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -11,21 +13,11 @@ use serde_json::Value;
 const PREFIX: &str = "clitest";
 
 fn lockctl(url: &str) -> Command {
-    let mut cmd = common::lockctl();
-    cmd.env("ELASTICSEARCH_URL", url).env("LOCK_INDEX_PREFIX", PREFIX);
-    cmd
+    common::cli::lockctl_at(url, PREFIX)
 }
 
 fn run(url: &str, args: &[&str]) -> Output {
-    lockctl(url).args(args).output().expect("run lockctl")
-}
-
-fn stdout(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).trim().to_string()
+    common::cli::run_at(url, PREFIX, args)
 }
 
 #[test]

@@ -5,6 +5,8 @@
 
 mod common;
 
+use common::cli::{stderr, stdout};
+
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -14,21 +16,11 @@ use kube_lock_manager::lock::LockClient;
 const PREFIX: &str = "cliqueue";
 
 fn lockctl(url: &str) -> Command {
-    let mut cmd = common::lockctl();
-    cmd.env("ELASTICSEARCH_URL", url).env("LOCK_INDEX_PREFIX", PREFIX);
-    cmd
+    common::cli::lockctl_at(url, PREFIX)
 }
 
 fn run(url: &str, args: &[&str]) -> Output {
-    lockctl(url).args(args).output().expect("run lockctl")
-}
-
-fn stdout(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).trim().to_string()
+    common::cli::run_at(url, PREFIX, args)
 }
 
 /// Takes `id` with a long lease and returns its token.

@@ -574,4 +574,5 @@ pub fn leader_election_args(ns: &str, lease: &str) -> Vec<String> {
     .to_vec()
 }
 pub mod chaos;
+pub mod cli;
 pub mod search;
