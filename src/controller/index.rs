@@ -50,6 +50,10 @@ pub struct QueueIndex {
     /// Requests (by UID) this controller wrote Granted, with the
     /// resourceVersion of that write, until the cache shows it.
     granted_rv: Mutex<HashMap<String, u64>>,
+    /// When each key was last granted here (kept like `moved_at`).
+    granted_at: Mutex<HashMap<String, Instant>>,
+    /// Told of every grant.
+    grants: tokio::sync::Notify,
 }
 
 /// How many recently moved keys are remembered before old ones are dropped.
@@ -198,8 +202,35 @@ impl QueueIndex {
         }
     }
 
+    /// Waits (at most `grace`) until `key` is granted again here after
+    /// `since`: a holder that has just let go lets its successor's grant
+    /// reach the API server before its own bookkeeping writes.
+    pub async fn next_grant(&self, key: &str, since: Instant, grace: std::time::Duration) {
+        let deadline = tokio::time::Instant::now() + grace;
+        loop {
+            let granted = self.grants.notified();
+            tokio::pin!(granted);
+            granted.as_mut().enable();
+            if locked(&self.granted_at).get(key).is_some_and(|at| *at >= since) {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, granted).await.is_err() {
+                return;
+            }
+        }
+    }
+
     /// Notes that this controller wrote Granted on `lock` at resourceVersion `rv`.
     pub fn wrote_grant(&self, lock: &DistributedLock, rv: Option<String>) {
+        let now = Instant::now();
+        {
+            let mut granted = locked(&self.granted_at);
+            if granted.len() >= MOVED_KEYS_KEPT {
+                granted.retain(|_, at| now.duration_since(*at) < super::pending::PLACE_QUIET);
+            }
+            granted.insert(queue::lock_key(lock), now);
+        }
+        self.grants.notify_waiters();
         if let (Some(uid), Some(rv)) = (lock.uid(), rv.and_then(|rv| rv.parse().ok())) {
             locked(&self.granted_rv).insert(uid, rv);
         }

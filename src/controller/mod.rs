@@ -410,13 +410,22 @@ async fn cleanup(lock: Arc<DistributedLock>, ctx: &Context) -> Result<Action> {
         granted::reconcile(lock, ctx, &key).await?;
         return Err(Error::HolderStillRunning);
     }
+    let released_at = Instant::now();
     if release_own(&lock, ctx, &key).await? {
+        // the next waiter's grant first: this request's event and finalizer
+        // removal are writes that would compete with it
+        if !queue::waiters(&ctx.index.members(&ctx.store, &key), &key, ctx).is_empty() {
+            ctx.index.next_grant(&key, released_at, HANDOVER_GRACE).await;
+        }
         let note = format!("lock {key} released: request deleted");
         events::normal(&ctx.recorder, &object_ref(&lock), "Released", note).await;
     }
     wake_queue(ctx, &key, None, true);
     Ok(Action::await_change())
 }
+
+/// How long a deleted holder's own last writes wait for its successor's grant.
+const HANDOVER_GRACE: Duration = Duration::from_millis(100);
 
 /// Releases any grant of `key` this request holds: its token is its UID (and
 /// the status's token, should that differ). One engine round trip normally.
