@@ -311,3 +311,62 @@ async fn permit_waiters_keep_their_order_so_an_exclusive_writer_is_not_starved()
     assert!(fencing.windows(2).all(|w| w[0] < w[1]), "{fencing:?}");
     assert!(client.waiters(&id).await.unwrap().is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_asking_more_permits_than_the_limit_holds_up_nobody_behind_it() {
+    let Some(url) = common::es_url() else { return };
+    let client = common::lock_client(&url, PREFIX);
+    let id = common::unique("queue-over");
+    assert_eq!(
+        run(&url, &["semaphore", "set", &id, "--limit", "2"]).status.code(),
+        Some(0)
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    let holder = hold(&url, &id, &["--permits", "2"]);
+    // in line: "first", then "big", which can never fit a limit of 2, then
+    // "small", which would fit
+    let mut children = Vec::new();
+    for (n, (name, permits)) in [("first", "1"), ("big", "3"), ("small", "1")].into_iter().enumerate() {
+        children.push(spawn_exec(
+            &url,
+            &id,
+            &["--permits", permits],
+            &logging_command(&log, name, 10),
+        ));
+        in_line(&client, &id, n + 1).await;
+    }
+    let small = children.pop().unwrap();
+    let big = children.pop().unwrap();
+    let first = children.pop().unwrap();
+    let released = Instant::now();
+    assert_eq!(run(&url, &["release", &id, "--token", &holder]).status.code(), Some(0));
+    for child in [first, small] {
+        let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+            .await
+            .unwrap();
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    }
+    assert!(
+        released.elapsed() < Duration::from_secs(10),
+        "the request behind one that never fits waited {:?}",
+        released.elapsed()
+    );
+    // the big one still waits, out of the line, and goes once the limit is raised
+    assert!(read_log(&log).iter().all(|e| e.1 != "big"), "{:?}", read_log(&log));
+    assert_eq!(
+        run(&url, &["semaphore", "set", &id, "--limit", "3"]).status.code(),
+        Some(0)
+    );
+    let out = tokio::task::spawn_blocking(move || big.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let starts: Vec<String> = read_log(&log)
+        .into_iter()
+        .filter(|e| e.0 == "start")
+        .map(|e| e.1)
+        .collect();
+    assert_eq!(starts, ["first", "small", "big"]);
+    assert!(client.waiters(&id).await.unwrap().is_empty());
+}

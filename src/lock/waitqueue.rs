@@ -31,7 +31,11 @@
 //!   joins again at the end.
 //! - Semaphore keys: the same strict order — only the head asks, so a head
 //!   whose permits do not fit (an `--exclusive` writer) holds up the waiters
-//!   behind it rather than being starved by them.
+//!   behind it rather than being starved by them. A request that can never
+//!   be granted as things are (more permits than the limit)
+//!   holds up nobody: it steps out of the line, looks at the limit every
+//!   [`BEAT_EVERY`], and joins again at the end once it fits — as the
+//!   operator lets such a request stand aside (reason ExceedsLimit).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -224,12 +228,15 @@ impl WaitQueue {
     /// dropped future: then call [`Self::leave`]). `check` runs instead of
     /// an attempt when others already wait, so a request that can never be
     /// granted (the wrong kind of key) fails at once. Without a grant: the
-    /// last attempt's loss, if there was an attempt.
+    /// last attempt's loss, if there was an attempt. A loss that is
+    /// `hopeless` (it cannot be granted as things are) ends the turn at once,
+    /// out of the line, so it holds up nobody behind it.
     pub async fn take_turn<W, L, A, Fut, C, CFut>(
         &self,
         wait: Duration,
         mut attempt: A,
         check: C,
+        hopeless: &dyn Fn(&L) -> bool,
     ) -> Result<Result<W, Option<L>>, LockError>
     where
         A: FnMut() -> Fut,
@@ -243,6 +250,7 @@ impl WaitQueue {
         if nobody_waits {
             match attempt().await? {
                 Ok(won) => return Ok(Ok(won)),
+                Err(lost) if hopeless(&lost) => return Ok(Err(Some(lost))),
                 Err(lost) => last = Some(lost),
             }
             if Instant::now() >= deadline {
@@ -251,7 +259,7 @@ impl WaitQueue {
         } else {
             check().await?;
         }
-        let outcome = self.wait_in_line(deadline, &mut attempt, last).await;
+        let outcome = self.wait_in_line(deadline, &mut attempt, last, hopeless).await;
         if let Err(e) = self.leave().await {
             tracing::debug!(lock_id = %self.lock_id, error = %e, "could not leave the line; the entry expires");
         }
@@ -263,6 +271,7 @@ impl WaitQueue {
         deadline: Instant,
         attempt: &mut A,
         mut last: Option<L>,
+        hopeless: &dyn Fn(&L) -> bool,
     ) -> Result<Result<W, Option<L>>, LockError>
     where
         A: FnMut() -> Fut,
@@ -289,6 +298,7 @@ impl WaitQueue {
                 if place == 0 {
                     match attempt().await? {
                         Ok(won) => return Ok(Ok(won)),
+                        Err(lost) if hopeless(&lost) => return Ok(Err(Some(lost))),
                         Err(lost) => last = Some(lost),
                     }
                 }
@@ -439,6 +449,7 @@ impl WaitQueue {
                 wait,
                 || self.client.try_acquire_timed(req),
                 || async { self.client.get_raw(&req.lock_id).await.map(|_| ()) },
+                &|_| false,
             )
             .await?;
         Ok(outcome.ok())
@@ -451,19 +462,41 @@ impl WaitQueue {
         req: &PermitRequest,
         wait: Duration,
     ) -> Result<Result<PermitGrant, Semaphore>, LockError> {
-        let lock_id = &req.base.lock_id;
-        let exists = || async {
-            match self.client.semaphore_get(lock_id).await? {
+        let (client, lock_id) = (&self.client, &req.base.lock_id);
+        let exists = move || async move {
+            match client.semaphore_get(lock_id).await? {
                 Some(_) => Ok(()),
                 None => Err(LockError::NoSemaphore {
                     lock_id: lock_id.clone(),
                 }),
             }
         };
-        match self
-            .take_turn(wait, || self.client.try_permits_timed(req), exists)
-            .await?
-        {
+        let deadline = Instant::now() + wait;
+        let hopeless = |semaphore: &Semaphore| never_fits(semaphore, req);
+        let outcome = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let outcome = self
+                .take_turn(left, || self.client.try_permits_timed(req), exists, &hopeless)
+                .await?;
+            let Err(Some(full)) = &outcome else { break outcome };
+            if !hopeless(full) {
+                break outcome;
+            }
+            // out of the line until the limit lets it in (or the wait is over)
+            let mut now_fits = false;
+            while !now_fits && Instant::now() < deadline {
+                let pause = BEAT_EVERY.min(deadline.saturating_duration_since(Instant::now()));
+                tokio::time::sleep(pause).await;
+                now_fits = match self.client.semaphore_get(lock_id).await? {
+                    Some(semaphore) => !hopeless(&semaphore),
+                    None => true,
+                };
+            }
+            if !now_fits {
+                break outcome;
+            }
+        };
+        match outcome {
             Ok(granted) => Ok(Ok(granted)),
             Err(Some(full)) => Ok(Err(full)),
             // never asked (others were ahead): the semaphore as it is now
@@ -496,6 +529,13 @@ impl LockClient {
         let line = WaitQueue::new(self, lock_id, Waiter::new("", None, None))?;
         Ok(line.read().await?.doc.waiters)
     }
+}
+
+/// True when `req` cannot be granted whoever lets go while the waiters
+/// behind it could: more permits than a limit above 0. (A closed key, limit
+/// 0, grants nobody, so its line keeps its order for when it opens.)
+fn never_fits(semaphore: &Semaphore, req: &PermitRequest) -> bool {
+    semaphore.limit > 0 && !req.exclusive && req.permits > semaphore.limit
 }
 
 fn kept_changing() -> LockError {
