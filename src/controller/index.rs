@@ -189,10 +189,14 @@ impl QueueIndex {
             .elapsed()
     }
 
-    /// True while this waiter's new place is held back.
+    /// True while this waiter's new place is held back (never for longer
+    /// than PLACE_MAX_DELAY, whichever path wrote its status since).
     pub fn place_deferred(&self, lock: &DistributedLock) -> bool {
-        lock.uid()
-            .is_some_and(|uid| locked(&self.place_deferred).contains_key(&uid))
+        lock.uid().is_some_and(|uid| {
+            locked(&self.place_deferred)
+                .get(&uid)
+                .is_some_and(|since| since.elapsed() < super::pending::PLACE_MAX_DELAY)
+        })
     }
 
     /// The waiter's place is written (or no longer needs to be).

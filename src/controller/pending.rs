@@ -528,6 +528,7 @@ async fn acquire(lock: Arc<DistributedLock>, ctx: &Context, key: &str, ask: Ask)
     // a waiter that is no longer the head gives it back once the API server
     // confirms nobody was told (give_back_untold_grant).
     let written = status::write(&ctx.client, &lock, next).await?;
+    ctx.index.place_written(&lock);
     ctx.index.wrote_grant(&lock, written);
     ctx.index.mark_moved(key);
     ctx.metrics.granted(kind);
@@ -738,6 +739,7 @@ async fn held_elsewhere(
         &ctx.index_health(),
     );
     status::write(&ctx.client, lock, next).await?;
+    ctx.index.place_written(lock);
     let retry = retry.clamp(Duration::from_millis(20), ctx.max_retry_interval);
     Ok(Action::requeue(deadline.map_or(retry, |d| d.min(retry))))
 }
