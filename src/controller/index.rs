@@ -87,7 +87,12 @@ impl QueueIndex {
     }
 
     fn file(&self, lock: &DistributedLock) {
-        if let (Some(uid), Some(rv)) = (lock.uid(), resource_version(lock)) {
+        // a version that already carries our finalizer is of our making, no
+        // sighting of the request's arrival (see queue::Arrival::unrecorded)
+        let ours = lock.finalizers().iter().any(|f| f == crate::crd::FINALIZER);
+        if let (Some(uid), Some(rv)) = (lock.uid(), resource_version(lock))
+            && !ours
+        {
             locked(&self.first_seen).entry(uid).or_insert(rv);
         }
         let object = ObjectRef::from_obj(lock);
