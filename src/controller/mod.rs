@@ -8,6 +8,7 @@
 pub mod admission;
 pub mod error;
 pub mod events;
+pub mod first_pass;
 pub mod granted;
 pub mod holder;
 pub mod index;
