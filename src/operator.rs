@@ -207,10 +207,13 @@ pub async fn run(args: OperatorArgs) -> Result<(), OperatorError> {
     );
     let synced = readiness.clone();
     let lock_index = index.clone();
+    let first_pass = Arc::new(controller::first_pass::FirstPass::default());
+    let listed = first_pass.clone();
     let (departed, departures) = mpsc::unbounded_channel();
     let lock_root = controller::watch::requests(client.clone(), lock_watch, bad_objects)
         .inspect_ok(move |event| {
             lock_index.observe(event);
+            listed.observe(event);
             // gone from this operator's view: deleted, or no longer selected
             if let watcher::Event::Delete(lock) = event {
                 let _ = departed.send(lock.clone());
@@ -252,8 +255,28 @@ pub async fn run(args: OperatorArgs) -> Result<(), OperatorError> {
         })
         .for_each(|_| futures::future::ready(()));
 
+    // Requests as they were listed are reconciled a few at a time, behind
+    // what changed since (see controller::first_pass).
+    let (to_pace, pacing) = mpsc::unbounded_channel();
+    let (paced, paced_rx) = mpsc::unbounded_channel();
+    let fresh = {
+        let first_pass = first_pass.clone();
+        locks_for_controller.filter(move |lock| {
+            let listed = first_pass.is_listed(lock);
+            if listed {
+                let _ = to_pace.send(reflector::ObjectRef::from_obj(lock.as_ref()));
+            }
+            futures::future::ready(!listed)
+        })
+    };
+    let pacer = tokio::spawn(controller::first_pass::pace(
+        first_pass.clone(),
+        lock_store.clone(),
+        pacing,
+        paced,
+    ));
     let (holder_index, pod_index, key_index) = (index.clone(), index.clone(), index.clone());
-    let mut lock_controller = Controller::for_shared_stream(locks_for_controller, lock_store.clone())
+    let mut lock_controller = Controller::for_shared_stream(fresh, lock_store.clone())
         .watches_shared_stream(jobs_for_controller, move |job| {
             holder_index.held_by(&(job.namespace().unwrap_or_default(), HolderKind::Job, job.name_any()))
         })
@@ -291,11 +314,23 @@ pub async fn run(args: OperatorArgs) -> Result<(), OperatorError> {
             held_index.held_by(&(job.namespace().unwrap_or_default(), HolderKind::Job, job.name_any()))
         });
     }
+    let reconciled = first_pass.clone();
     let lock_controller = lock_controller
         .reconcile_on(UnboundedReceiverStream::new(woken))
+        .reconcile_on(UnboundedReceiverStream::new(paced_rx))
         .graceful_shutdown_on(wait_for(shutdown.clone()))
         .run(controller::reconcile, controller::error_policy, ctx.clone())
-        .for_each(|_| futures::future::ready(()));
+        .for_each(move |result| {
+            use kube::runtime::controller::Error as Run;
+            match &result {
+                Ok((object, _)) => reconciled.finished(object.namespace.as_deref(), &object.name),
+                Err(Run::ReconcilerFailed(_, object) | Run::ObjectNotFound(object)) => {
+                    reconciled.finished(object.namespace.as_deref(), &object.name)
+                }
+                Err(_) => {}
+            }
+            futures::future::ready(())
+        });
     let job_gate = Controller::for_shared_stream(jobs_for_gate, job_store.clone())
         .owns_shared_stream(locks_for_gate)
         .graceful_shutdown_on(wait_for(shutdown.clone()))
@@ -371,6 +406,7 @@ pub async fn run(args: OperatorArgs) -> Result<(), OperatorError> {
     };
     http.abort();
     gauges.abort();
+    pacer.abort();
     tracing::info!("operator stopped");
     result
 }

@@ -43,6 +43,23 @@ impl Arrival {
         Some(Arrival { at: Some(at), sequence })
     }
 
+    /// The arrival of a request whose status does not record one: as
+    /// [`Arrival::observed`], except for a request that carries the
+    /// controller's finalizer and was never seen without it. Such a request
+    /// was taken on while alone on its key (see `controller::arrive`) by a
+    /// controller that stopped before writing its status; its current
+    /// resourceVersion is one of that controller's making, and its true
+    /// place is first within its creation second.
+    pub fn unrecorded(lock: &DistributedLock, first_seen: Option<u64>) -> Arrival {
+        if first_seen.is_none() && lock.finalizers().iter().any(|f| f == crate::crd::FINALIZER) {
+            return Arrival {
+                at: creation_time(lock),
+                sequence: 0,
+            };
+        }
+        Arrival::observed(lock, first_seen)
+    }
+
     /// The arrival of a request not recorded yet: its creation time and the
     /// resourceVersion the watcher first delivered (else its current one).
     pub fn observed(lock: &DistributedLock, first_seen: Option<u64>) -> Arrival {
@@ -64,7 +81,7 @@ pub trait Sightings {
     /// creation and first sighting (the controller also knows the Jobs that
     /// suspend-gated requests were made for, whose arrival they take).
     fn unrecorded(&self, lock: &DistributedLock) -> Arrival {
-        Arrival::observed(lock, self.first_seen(lock))
+        Arrival::unrecorded(lock, self.first_seen(lock))
     }
 }
 
@@ -206,6 +223,21 @@ mod tests {
 
     fn names(v: &[Arc<DistributedLock>]) -> Vec<String> {
         v.iter().map(|l| l.name_any()).collect()
+    }
+
+    #[test]
+    fn a_request_taken_on_alone_and_not_yet_recorded_is_first_within_its_second() {
+        // taken on alone: our finalizer, no recorded arrival, never seen without it
+        let mut alone = request("alone", "ns", "a", 0, 150, 40);
+        alone.metadata.finalizers = Some(vec![crate::crd::FINALIZER.into()]);
+        let later = request("later", "ns", "a", 0, 150, 21);
+        let all: Vec<_> = [later, alone.clone()].into_iter().map(Arc::new).collect();
+        assert_eq!(names(&waiters(&all, "ns/a", &Unseen)), ["alone", "later"]);
+        // a controller that saw it arrive keeps that sighting
+        assert_eq!(Arrival::unrecorded(&alone, Some(20)).sequence, 20);
+        // without our finalizer, the version seen stands in for the arrival
+        alone.metadata.finalizers = None;
+        assert_eq!(Arrival::unrecorded(&alone, None).sequence, 40);
     }
 
     #[test]

@@ -7,6 +7,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{Setup, WAIT, await_lock, lock_request, phase_of};
+use futures::StreamExt;
 use k8s_openapi::api::batch::v1::Job;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube_lock_manager::crd::{DistributedLock, Phase};
@@ -432,4 +433,58 @@ async fn kubectl_get_locks_shows_the_columns() {
         row.contains("shown") && row.contains("Granted") && row.contains("reindex job"),
         "{row}"
     );
+}
+
+#[tokio::test]
+async fn a_lock_cycle_writes_the_request_five_times_and_tells_each_step_once() {
+    let Some(s) = Setup::new("writes", &[]).await else {
+        return;
+    };
+    // every write to the request is one watch event: count them from its creation to its end
+    let params = kube::api::WatchParams::default().fields("metadata.name=cycle");
+    let mut events = s.api.watch(&params, "0").await.unwrap().boxed();
+    s.create("cycle", json!({"lockId": "cycle"})).await;
+    s.granted("cycle").await;
+    s.delete("cycle").await;
+    let mut writes = Vec::new();
+    let counted = tokio::time::timeout(WAIT, async {
+        while let Some(event) = events.next().await {
+            match event.unwrap() {
+                kube::api::WatchEvent::Added(l) => writes.push(format!("created ({:?})", phase_of(&l))),
+                kube::api::WatchEvent::Modified(l) => writes.push(format!(
+                    "modified: phase {:?}, finalizers {:?}, deleting {}",
+                    phase_of(&l),
+                    l.metadata.finalizers,
+                    l.metadata.deletion_timestamp.is_some()
+                )),
+                kube::api::WatchEvent::Deleted(_) => {
+                    writes.push("deleted".into());
+                    return;
+                }
+                _ => {}
+            }
+        }
+    })
+    .await;
+    assert!(counted.is_ok(), "the request was not gone within {WAIT:?}: {writes:#?}");
+    // create, finalizer, Granted (its place in line recorded with it), delete, finalizer removed
+    assert_eq!(writes.len(), 5, "{writes:#?}");
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(s.client.clone(), &s.ns);
+    let told = |reason: &'static str| {
+        let events = events.clone();
+        async move {
+            events
+                .list(&Default::default())
+                .await
+                .unwrap()
+                .items
+                .iter()
+                .filter(|e| e.reason.as_deref() == Some(reason))
+                .map(|e| e.series.as_ref().map_or(1, |s| s.count))
+                .sum::<i32>()
+        }
+    };
+    s.event("cycle", "Released").await;
+    assert_eq!(told("Granted").await, 1);
+    assert_eq!(told("Released").await, 1);
 }

@@ -106,7 +106,13 @@ impl QueueIndex {
             if granted.get(&uid).is_some_and(|written| rv >= *written) {
                 granted.remove(&uid);
             }
-            drop(granted);
+        }
+        // a version that already carries our finalizer is of our making, no
+        // sighting of the request's arrival (see queue::Arrival::unrecorded)
+        let ours = lock.finalizers().iter().any(|f| f == crate::crd::FINALIZER);
+        if let (Some(uid), Some(rv)) = (lock.uid(), resource_version(lock))
+            && !ours
+        {
             locked(&self.first_seen).entry(uid).or_insert(rv);
         }
         let object = ObjectRef::from_obj(lock);

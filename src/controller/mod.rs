@@ -8,6 +8,7 @@
 pub mod admission;
 pub mod error;
 pub mod events;
+pub mod first_pass;
 pub mod granted;
 pub mod holder;
 pub mod index;
@@ -209,7 +210,8 @@ impl Context {
     }
 
     /// The request's place in line: recorded in its status, else the gated
-    /// Job's creation (time and first-seen resourceVersion), else its own.
+    /// Job's creation (time and first-seen resourceVersion), else its own
+    /// (see [`queue::Arrival::unrecorded`]).
     pub fn arrival(&self, lock: &DistributedLock) -> Arrival {
         if let Some(recorded) = Arrival::recorded(lock) {
             return recorded;
@@ -217,7 +219,7 @@ impl Context {
         if let Some(job) = self.gating_job(lock) {
             return self.job_arrival(&job);
         }
-        Arrival::observed(lock, self.index.first_seen(lock))
+        Arrival::unrecorded(lock, self.index.first_seen(lock))
     }
 
     /// The Semaphore that governs `key`, if any (see [`semaphores::governing`]).
@@ -344,8 +346,17 @@ pub async fn reconcile(lock: Arc<DistributedLock>, ctx: Arc<Context>) -> Result<
 /// a controller that starts after a crash still finds every unrecorded
 /// request at the resourceVersion it was created with (the tiebreak within
 /// a second), never at a later one of its own making.
+///
+/// A request alone on its key skips that write (the status that grants it,
+/// or tells it to wait, records its arrival): if the controller stops before
+/// that status is written, its successor finds it with our finalizer and no
+/// recorded arrival, and places it first within its creation second
+/// ([`queue::Arrival::unrecorded`]). That is its true place: when it was
+/// taken on, every request of the key created before it had been delivered
+/// by the watch (in resourceVersion order) and none was live, so every other
+/// request of the key was created after it.
 async fn arrive(api: &Api<raw::RawRequest>, lock: &DistributedLock, ctx: &Context) -> Result<Action> {
-    let version = if queue::Arrival::recorded(lock).is_some() {
+    let version = if queue::Arrival::recorded(lock).is_some() || alone_on_its_key(lock, ctx) {
         lock.resource_version()
     } else {
         match status::write(&ctx.client, lock, status::arrived(lock, &ctx.arrival(lock))).await {
@@ -356,6 +367,20 @@ async fn arrive(api: &Api<raw::RawRequest>, lock: &DistributedLock, ctx: &Contex
         }
     };
     add_finalizer(api, lock, version).await
+}
+
+/// No other live request of this cluster uses `lock`'s key, and no
+/// suspend-gated Job is about to queue for it; `lock` itself is not a gated
+/// request (those take their Job's place in line).
+fn alone_on_its_key(lock: &DistributedLock, ctx: &Context) -> bool {
+    let key = queue::lock_key(lock);
+    ctx.gating_job(lock).is_none()
+        && ctx
+            .index
+            .members(&ctx.store, &key)
+            .iter()
+            .all(|m| m.uid() == lock.uid() || queue::phase(m).is_final())
+        && crate::gate::job_queued_ahead(ctx, &key, &ctx.arrival(lock)).is_none()
 }
 
 /// Adds the release finalizer in one compare-and-swap write (at `version`,

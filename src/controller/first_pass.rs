@@ -1,0 +1,189 @@
+//! The pass over every request after the watch (re)lists them, kept behind
+//! fresh work. After a restart the controller must look at each listed
+//! request once (renew what is due, grant a head whose holder left while it
+//! was down), but a request created meanwhile should not wait for 10,000 of
+//! those: the listed requests are handed to the controller a few at a time,
+//! while changes seen after the list go to it at once.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use kube::ResourceExt;
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use tokio::sync::{Notify, mpsc};
+
+use crate::crd::{DistributedLock, Phase};
+use crate::queue;
+
+/// Listed requests being reconciled at once, at most.
+pub const IN_FLIGHT: usize = 8;
+/// A handed-over request the controller never reported back on (deleted
+/// before its turn, say) stops counting against [`IN_FLIGHT`] after this long.
+const GIVE_UP: Duration = Duration::from_secs(10);
+
+/// The listed requests and the ones of them the controller is reconciling.
+#[derive(Default)]
+pub struct FirstPass {
+    /// Listed but not yet seen on the controller's trigger stream: UID → resourceVersion.
+    listed: Mutex<HashMap<String, String>>,
+    /// Handed to the controller, not reported back yet: (namespace, name) → since.
+    in_flight: Mutex<HashMap<(String, String), Instant>>,
+    room: Notify,
+}
+
+fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn name_of(lock: &DistributedLock) -> (String, String) {
+    (lock.namespace().unwrap_or_default(), lock.name_any())
+}
+
+impl FirstPass {
+    /// Watch hook: remembers the requests of each (re)list as listed.
+    pub fn observe(&self, event: &watcher::Event<DistributedLock>) {
+        match event {
+            watcher::Event::Init => locked(&self.listed).clear(),
+            watcher::Event::InitApply(lock) => {
+                if let (Some(uid), Some(version)) = (lock.uid(), lock.resource_version()) {
+                    locked(&self.listed).insert(uid, version);
+                }
+            }
+            watcher::Event::Apply(_) | watcher::Event::Delete(_) | watcher::Event::InitDone => {}
+        }
+    }
+
+    /// True for a request as it was listed (the store hands every listed
+    /// request to the controller once the list is done): it is left to
+    /// [`pace`] instead. A request that changed since is fresh work.
+    pub fn is_listed(&self, lock: &DistributedLock) -> bool {
+        let (Some(uid), Some(version)) = (lock.uid(), lock.resource_version()) else {
+            return false;
+        };
+        let mut listed = locked(&self.listed);
+        match listed.get(&uid) {
+            Some(v) if *v == version => {
+                listed.remove(&uid);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The controller finished a reconcile of (namespace, name).
+    pub fn finished(&self, namespace: Option<&str>, name: &str) {
+        let key = (namespace.unwrap_or_default().to_string(), name.to_string());
+        if locked(&self.in_flight).remove(&key).is_some() {
+            self.room.notify_one();
+        }
+    }
+
+    /// Waits until fewer than [`IN_FLIGHT`] handed-over requests are being
+    /// reconciled, then counts `lock` as one.
+    async fn take_slot(&self, lock: &DistributedLock) {
+        loop {
+            let room = self.room.notified();
+            {
+                let mut in_flight = locked(&self.in_flight);
+                in_flight.retain(|_, since| since.elapsed() < GIVE_UP);
+                if in_flight.len() < IN_FLIGHT {
+                    in_flight.insert(name_of(lock), Instant::now());
+                    return;
+                }
+            }
+            let _ = tokio::time::timeout(GIVE_UP, room).await;
+        }
+    }
+}
+
+/// Which listed requests go first: Granted ones by when their renewal is
+/// due, then the waiters (the head of a key its holder left while the
+/// controller was down among them), then the rest.
+fn urgency(lock: &DistributedLock) -> (u8, String) {
+    let status = lock.status.as_ref();
+    match queue::phase(lock) {
+        Phase::Granted => (0, status.and_then(|s| s.renewed_at.clone()).unwrap_or_default()),
+        Phase::Pending => (1, String::new()),
+        _ => (2, String::new()),
+    }
+}
+
+/// Hands the listed requests to the controller (`to_controller`), most
+/// urgent first, at most [`IN_FLIGHT`] being reconciled at a time.
+pub async fn pace(
+    first_pass: Arc<FirstPass>,
+    store: kube::runtime::reflector::Store<DistributedLock>,
+    mut listed: mpsc::UnboundedReceiver<ObjectRef<DistributedLock>>,
+    to_controller: mpsc::UnboundedSender<ObjectRef<DistributedLock>>,
+) {
+    let mut backlog: VecDeque<Arc<DistributedLock>> = VecDeque::new();
+    loop {
+        if backlog.is_empty() {
+            let Some(next) = listed.recv().await else { return };
+            backlog.extend(store.get(&next));
+        }
+        // whatever else arrived meanwhile, in order of urgency
+        let mut more = false;
+        while let Ok(next) = listed.try_recv() {
+            backlog.extend(store.get(&next));
+            more = true;
+        }
+        if more {
+            backlog.make_contiguous().sort_by_cached_key(|l| urgency(l));
+        }
+        let Some(lock) = backlog.pop_front() else { continue };
+        first_pass.take_slot(&lock).await;
+        if to_controller.send(ObjectRef::from_obj(lock.as_ref())).is_err() {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fixtures::{request, with_phase};
+
+    #[tokio::test]
+    async fn listed_requests_go_to_the_controller_a_few_at_a_time_most_urgent_first() {
+        let (store, mut writer) = kube::runtime::reflector::store::<DistributedLock>();
+        let (to_pace, listed) = mpsc::unbounded_channel();
+        for i in 0..20 {
+            let mut lock = request(&format!("w{i}"), "ns", "k", 0, 1, i);
+            if i == 19 {
+                lock = with_phase(lock, Phase::Granted, None);
+            }
+            writer.apply_watcher_event(&watcher::Event::Apply(lock.clone()));
+            to_pace.send(ObjectRef::from_obj(&lock)).unwrap();
+        }
+        let pass = Arc::new(FirstPass::default());
+        let (to_controller, mut handed) = mpsc::unbounded_channel();
+        tokio::spawn(pace(pass.clone(), store, listed, to_controller));
+        let mut first = Vec::new();
+        for _ in 0..IN_FLIGHT {
+            first.push(handed.recv().await.unwrap());
+        }
+        assert_eq!(first[0].name, "w19", "a Granted request (its renewal may be due) first");
+        // (an absence: nothing to poll for, so a bounded wait)
+        let more = tokio::time::timeout(Duration::from_millis(300), handed.recv()).await;
+        assert!(more.is_err(), "no more than {IN_FLIGHT} at a time: {more:?}");
+        pass.finished(Some("ns"), &first[1].name);
+        let next = tokio::time::timeout(Duration::from_secs(5), handed.recv()).await;
+        assert!(next.is_ok_and(|n| n.is_some()), "one reported back, the next goes");
+    }
+
+    #[test]
+    fn only_a_request_as_it_was_listed_is_left_to_the_pass() {
+        let pass = FirstPass::default();
+        let listed = request("a", "ns", "k", 0, 1, 10);
+        pass.observe(&watcher::Event::Init);
+        pass.observe(&watcher::Event::InitApply(listed.clone()));
+        let mut changed = listed.clone();
+        changed.metadata.resource_version = Some("11".into());
+        assert!(!pass.is_listed(&changed), "changed since the list: fresh work");
+        assert!(pass.is_listed(&listed));
+        assert!(!pass.is_listed(&listed), "once");
+    }
+}
