@@ -9,6 +9,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use chrono::{DateTime, Utc};
 use kube::ResourceExt;
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
@@ -99,14 +100,24 @@ impl FirstPass {
 }
 
 /// Which listed requests go first: Granted ones by when their renewal is
-/// due, then the waiters (the head of a key its holder left while the
-/// controller was down among them), then the rest.
-fn urgency(lock: &DistributedLock) -> (u8, String) {
-    let status = lock.status.as_ref();
+/// due (the last renewal plus the period of that lease's TTL: a short lease
+/// renewed last may be due before a long one renewed earlier; never
+/// renewed: first), then the waiters (the head of a key its holder left while
+/// the controller was down among them), then the rest.
+fn urgency(lock: &DistributedLock) -> (u8, Option<DateTime<Utc>>) {
     match queue::phase(lock) {
-        Phase::Granted => (0, status.and_then(|s| s.renewed_at.clone()).unwrap_or_default()),
-        Phase::Pending => (1, String::new()),
-        _ => (2, String::new()),
+        Phase::Granted => {
+            let renewed = lock
+                .status
+                .as_ref()
+                .and_then(|s| s.renewed_at.as_deref())
+                .and_then(queue::parse_time);
+            let (_, period) = super::granted::lease_plan(lock);
+            let due = renewed.map(|at| at + chrono::Duration::from_std(period).unwrap_or_default());
+            (0, due)
+        }
+        Phase::Pending => (1, None),
+        _ => (2, None),
     }
 }
 
@@ -144,7 +155,7 @@ pub async fn pace(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fixtures::{request, with_phase};
+    use crate::fixtures::{granted, request, with_phase};
 
     #[tokio::test]
     async fn listed_requests_go_to_the_controller_a_few_at_a_time_most_urgent_first() {
@@ -172,6 +183,23 @@ mod tests {
         pass.finished(Some("ns"), &first[1].name);
         let next = tokio::time::timeout(Duration::from_secs(5), handed.recv()).await;
         assert!(next.is_ok_and(|n| n.is_some()), "one reported back, the next goes");
+    }
+
+    #[test]
+    fn a_short_lease_renewed_last_goes_before_a_long_one_renewed_earlier() {
+        let at = |s: i64| DateTime::from_timestamp(1_800_000_000 + s, 0).unwrap();
+        // renewed at 0 for an hour: due at 900 s; renewed at 5 s for 10 s: due at 7.5 s
+        let with_ttl = |mut lock: DistributedLock, ttl: &str| {
+            lock.spec.ttl = Some(ttl.into());
+            lock
+        };
+        let long = granted(with_ttl(request("long", "ns", "a", 0, 1, 1), "1h"), at(0), at(3600));
+        let short = granted(with_ttl(request("short", "ns", "b", 0, 1, 2), "10s"), at(5), at(15));
+        let waiter = request("waiter", "ns", "c", 0, 1, 3);
+        let mut order = [waiter, long, short];
+        order.sort_by_cached_key(urgency);
+        let names: Vec<_> = order.iter().map(|l| l.name_any()).collect();
+        assert_eq!(names, ["short", "long", "waiter"]);
     }
 
     #[test]
