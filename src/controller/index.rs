@@ -76,7 +76,8 @@ impl QueueIndex {
     /// Watch hook for DistributedLocks (called before the reflector stores the event).
     pub fn observe(&self, event: &watcher::Event<DistributedLock>) {
         match event {
-            watcher::Event::Apply(lock) | watcher::Event::InitApply(lock) => self.file(lock),
+            watcher::Event::Apply(lock) => self.file(lock, true),
+            watcher::Event::InitApply(lock) => self.file(lock, false),
             watcher::Event::Delete(lock) => self.unfile(lock),
             watcher::Event::Init | watcher::Event::InitDone => {}
         }
@@ -100,18 +101,21 @@ impl QueueIndex {
         }
     }
 
-    fn file(&self, lock: &DistributedLock) {
+    /// `live`: delivered by the watch as it happened, not by a (re)list.
+    fn file(&self, lock: &DistributedLock, live: bool) {
         if let (Some(uid), Some(rv)) = (lock.uid(), resource_version(lock)) {
             let mut granted = locked(&self.granted_rv);
             if granted.get(&uid).is_some_and(|written| rv >= *written) {
                 granted.remove(&uid);
             }
         }
-        // a version that already carries our finalizer is of our making, no
-        // sighting of the request's arrival (see queue::Arrival::unrecorded)
+        // a listed version that already carries our finalizer may be of a
+        // predecessor's making, no sighting of the request's arrival (see
+        // queue::Arrival::unrecorded); the first version the watch delivers
+        // live is its creation, even one created with our finalizer
         let ours = lock.finalizers().iter().any(|f| f == crate::crd::FINALIZER);
         if let (Some(uid), Some(rv)) = (lock.uid(), resource_version(lock))
-            && !ours
+            && (live || !ours)
         {
             locked(&self.first_seen).entry(uid).or_insert(rv);
         }
@@ -325,6 +329,27 @@ mod tests {
     use super::*;
     use crate::crd::HolderRef;
     use crate::fixtures::request;
+
+    #[test]
+    fn a_request_created_with_our_finalizer_keeps_its_place_within_its_second() {
+        let index = QueueIndex::default();
+        let earlier = request("earlier", "ns", "k", 0, 1, 10);
+        let mut preset = request("preset", "ns", "k", 0, 1, 20);
+        preset.metadata.finalizers = Some(vec![crate::crd::FINALIZER.into()]);
+        index.observe(&watcher::Event::Apply(earlier.clone()));
+        index.observe(&watcher::Event::Apply(preset.clone()));
+        assert_eq!(index.first_seen(&preset), Some(20), "seen live as created");
+        let all: Vec<_> = [preset.clone(), earlier].into_iter().map(Arc::new).collect();
+        let order: Vec<_> = queue::waiters(&all, "ns/k", &index)
+            .iter()
+            .map(|l| l.name_any())
+            .collect();
+        assert_eq!(order, ["earlier", "preset"]);
+        // listed with our finalizer (a predecessor may have added it): no sighting
+        let listed = QueueIndex::default();
+        listed.observe(&watcher::Event::InitApply(preset.clone()));
+        assert_eq!(listed.first_seen(&preset), None);
+    }
 
     #[test]
     fn requests_are_found_by_key_and_by_holder_and_refiled_when_the_holder_changes() {
