@@ -47,12 +47,20 @@ impl FirstPass {
     pub fn observe(&self, event: &watcher::Event<DistributedLock>) {
         match event {
             watcher::Event::Init => locked(&self.listed).clear(),
-            watcher::Event::InitApply(lock) => {
+            // a Granted request's lease may be close to running out (a
+            // failover takes a while) and a deleted one's lock waits for its
+            // release: those go to the controller at once, never paced
+            watcher::Event::InitApply(lock)
+                if queue::phase(lock) != Phase::Granted && lock.metadata.deletion_timestamp.is_none() =>
+            {
                 if let (Some(uid), Some(version)) = (lock.uid(), lock.resource_version()) {
                     locked(&self.listed).insert(uid, version);
                 }
             }
-            watcher::Event::Apply(_) | watcher::Event::Delete(_) | watcher::Event::InitDone => {}
+            watcher::Event::InitApply(_)
+            | watcher::Event::Apply(_)
+            | watcher::Event::Delete(_)
+            | watcher::Event::InitDone => {}
         }
     }
 
@@ -213,5 +221,20 @@ mod tests {
         assert!(!pass.is_listed(&changed), "changed since the list: fresh work");
         assert!(pass.is_listed(&listed));
         assert!(!pass.is_listed(&listed), "once");
+    }
+
+    #[test]
+    fn granted_and_deleted_requests_are_never_paced() {
+        // a lease may be close to running out after a failover; a deleted
+        // holder's lock waits for its release
+        let pass = FirstPass::default();
+        let holder = with_phase(request("holder", "ns", "k", 0, 1, 10), Phase::Granted, None);
+        let mut deleted = request("deleted", "ns", "j", 0, 1, 11);
+        deleted.metadata.deletion_timestamp = deleted.metadata.creation_timestamp.clone();
+        pass.observe(&watcher::Event::Init);
+        pass.observe(&watcher::Event::InitApply(holder.clone()));
+        pass.observe(&watcher::Event::InitApply(deleted.clone()));
+        assert!(!pass.is_listed(&holder));
+        assert!(!pass.is_listed(&deleted));
     }
 }
