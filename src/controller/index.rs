@@ -44,20 +44,40 @@ pub struct QueueIndex {
     /// grant nobody was told of (a crash between acquiring and writing Granted).
     untold_grants: Mutex<HashSet<String>>,
     /// When each key last changed hands here (a grant or a release).
-    moved_at: Mutex<HashMap<String, Instant>>,
+    moved_at: RecentByKey,
     /// Waiters (by UID) whose new place is not written yet, since when.
     place_deferred: Mutex<HashMap<String, Instant>>,
     /// Requests (by UID) this controller wrote Granted, with the
     /// resourceVersion of that write, until the cache shows it.
     granted_rv: Mutex<HashMap<String, u64>>,
-    /// When each key was last granted here (kept like `moved_at`).
-    granted_at: Mutex<HashMap<String, Instant>>,
+    /// When each key was last granted here.
+    granted_at: RecentByKey,
     /// Told of every grant.
     grants: tokio::sync::Notify,
 }
 
-/// How many recently moved keys are remembered before old ones are dropped.
-const MOVED_KEYS_KEPT: usize = 1024;
+/// When something last happened to each key, for the keys where it happened
+/// lately: past [`RecentByKey::KEPT`] keys, those older than
+/// [`super::pending::PLACE_QUIET`] (nobody asks about them) are dropped.
+#[derive(Default)]
+struct RecentByKey(Mutex<HashMap<String, Instant>>);
+
+impl RecentByKey {
+    const KEPT: usize = 1024;
+
+    fn mark(&self, key: &str) {
+        let now = Instant::now();
+        let mut at = locked(&self.0);
+        if at.len() >= Self::KEPT {
+            at.retain(|_, then| now.duration_since(*then) < super::pending::PLACE_QUIET);
+        }
+        at.insert(key.to_string(), now);
+    }
+
+    fn get(&self, key: &str) -> Option<Instant> {
+        locked(&self.0).get(key).copied()
+    }
+}
 
 fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -172,19 +192,9 @@ impl QueueIndex {
         locked(&self.jobs_first_seen).get(&job.uid()?).copied()
     }
 
-    /// Notes that `key` changed hands here just now.
-    pub fn mark_moved(&self, key: &str) {
-        let now = Instant::now();
-        let mut moved = locked(&self.moved_at);
-        if moved.len() >= MOVED_KEYS_KEPT {
-            moved.retain(|_, at| now.duration_since(*at) < super::pending::PLACE_QUIET);
-        }
-        moved.insert(key.to_string(), now);
-    }
-
     /// How long ago `key` last changed hands here, if it did lately.
     pub fn moved_ago(&self, key: &str) -> Option<std::time::Duration> {
-        locked(&self.moved_at).get(key).map(Instant::elapsed)
+        self.moved_at.get(key).map(|at| at.elapsed())
     }
 
     /// How long the new place of this waiter has gone unwritten (starting
@@ -225,7 +235,7 @@ impl QueueIndex {
             let granted = self.grants.notified();
             tokio::pin!(granted);
             granted.as_mut().enable();
-            if locked(&self.granted_at).get(key).is_some_and(|at| *at >= since) {
+            if self.granted_at.get(key).is_some_and(|at| at >= since) {
                 return;
             }
             if tokio::time::timeout_at(deadline, granted).await.is_err() {
@@ -234,16 +244,12 @@ impl QueueIndex {
         }
     }
 
-    /// Notes that this controller wrote Granted on `lock` at resourceVersion `rv`.
+    /// Notes that this controller wrote Granted on `lock` at resourceVersion
+    /// `rv`: its key changed hands.
     pub fn wrote_grant(&self, lock: &DistributedLock, rv: Option<String>) {
-        let now = Instant::now();
-        {
-            let mut granted = locked(&self.granted_at);
-            if granted.len() >= MOVED_KEYS_KEPT {
-                granted.retain(|_, at| now.duration_since(*at) < super::pending::PLACE_QUIET);
-            }
-            granted.insert(queue::lock_key(lock), now);
-        }
+        let key = queue::lock_key(lock);
+        self.moved_at.mark(&key);
+        self.granted_at.mark(&key);
         self.grants.notify_waiters();
         if let (Some(uid), Some(rv)) = (lock.uid(), rv.and_then(|rv| rv.parse().ok())) {
             locked(&self.granted_rv).insert(uid, rv);
@@ -262,7 +268,7 @@ impl QueueIndex {
 
     /// Notes that this controller released `lock`'s grant of `key` just now.
     pub fn mark_released(&self, key: &str, lock: Option<&DistributedLock>) {
-        self.mark_moved(key);
+        self.moved_at.mark(key);
         locked(&self.released_at).insert(key.to_string(), Instant::now());
         if let Some(uid) = lock.and_then(|l| l.uid()) {
             locked(&self.released_uids).insert(uid);

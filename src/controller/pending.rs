@@ -530,7 +530,6 @@ async fn acquire(lock: Arc<DistributedLock>, ctx: &Context, key: &str, ask: Ask)
     let written = status::write(&ctx.client, &lock, next).await?;
     ctx.index.place_written(&lock);
     ctx.index.wrote_grant(&lock, written);
-    ctx.index.mark_moved(key);
     ctx.metrics.granted(kind);
     if skipped {
         ctx.metrics.head_of_line_skips.inc();
