@@ -2,18 +2,21 @@
 //! fresh work. After a restart the controller must look at each listed
 //! request once (renew what is due, grant a head whose holder left while it
 //! was down), but a request created meanwhile should not wait for 10,000 of
-//! those: the listed requests are handed to the controller a few at a time,
-//! while changes seen after the list go to it at once.
+//! those: the listed waiters are handed to the controller a few at a time,
+//! listed holders when their renewal falls due, while changes seen after the
+//! list go to it at once.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
+use futures::StreamExt;
 use kube::ResourceExt;
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use tokio::sync::{Notify, mpsc};
+use tokio_util::time::DelayQueue;
 
 use crate::crd::{DistributedLock, Phase};
 use crate::queue;
@@ -23,6 +26,9 @@ pub const IN_FLIGHT: usize = 8;
 /// A handed-over request the controller never reported back on (deleted
 /// before its turn, say) stops counting against [`IN_FLIGHT`] after this long.
 const GIVE_UP: Duration = Duration::from_secs(10);
+/// A listed holder goes to the controller this long before its renewal is
+/// due (the renewal itself is the controller's, at its due time).
+const RENEWAL_LEAD: Duration = Duration::from_millis(500);
 
 /// The listed requests and the ones of them the controller is reconciling.
 #[derive(Default)]
@@ -47,11 +53,13 @@ impl FirstPass {
     pub fn observe(&self, event: &watcher::Event<DistributedLock>) {
         match event {
             watcher::Event::Init => locked(&self.listed).clear(),
-            // a Granted request's lease may be close to running out (a
-            // failover takes a while) and a deleted one's lock waits for its
-            // release: those go to the controller at once, never paced
+            // A deleted request's lock waits for its release, and a holder
+            // with a holderRef may have finished while the controller was
+            // down: those go to the controller at once, never paced. Other
+            // holders are handed over when their renewal is due (see [`pace`]).
             watcher::Event::InitApply(lock)
-                if queue::phase(lock) != Phase::Granted && lock.metadata.deletion_timestamp.is_none() =>
+                if lock.metadata.deletion_timestamp.is_none()
+                    && (queue::phase(lock) != Phase::Granted || lock.spec.holder_ref.is_none()) =>
             {
                 if let (Some(uid), Some(version)) = (lock.uid(), lock.resource_version()) {
                     locked(&self.listed).insert(uid, version);
@@ -107,30 +115,42 @@ impl FirstPass {
     }
 }
 
+/// When a holder's next renewal is due: its last renewal plus the period of
+/// that lease's TTL (a short lease renewed last may be due before a long one
+/// renewed earlier); never renewed: at once.
+fn renewal_due(lock: &DistributedLock) -> Option<DateTime<Utc>> {
+    let renewed = lock
+        .status
+        .as_ref()
+        .and_then(|s| s.renewed_at.as_deref())
+        .and_then(queue::parse_time)?;
+    let (_, period) = super::granted::lease_plan(lock);
+    Some(renewed + chrono::Duration::from_std(period).unwrap_or_default())
+}
+
 /// Which listed requests go first: Granted ones by when their renewal is
-/// due (the last renewal plus the period of that lease's TTL: a short lease
-/// renewed last may be due before a long one renewed earlier; never
-/// renewed: first), then the waiters (the head of a key its holder left while
-/// the controller was down among them), then the rest.
+/// due, then the waiters (the head of a key its holder left while the
+/// controller was down among them), then the rest.
 fn urgency(lock: &DistributedLock) -> (u8, Option<DateTime<Utc>>) {
     match queue::phase(lock) {
-        Phase::Granted => {
-            let renewed = lock
-                .status
-                .as_ref()
-                .and_then(|s| s.renewed_at.as_deref())
-                .and_then(queue::parse_time);
-            let (_, period) = super::granted::lease_plan(lock);
-            let due = renewed.map(|at| at + chrono::Duration::from_std(period).unwrap_or_default());
-            (0, due)
-        }
+        Phase::Granted => (0, renewal_due(lock)),
         Phase::Pending => (1, None),
         _ => (2, None),
     }
 }
 
-/// Hands the listed requests to the controller (`to_controller`), most
-/// urgent first, at most [`IN_FLIGHT`] being reconciled at a time.
+/// How long after `now` a listed holder goes to the controller: just before
+/// its renewal is due, which is when the controller would have renewed it
+/// had it not restarted. Its renewal never waits for other listed requests.
+fn hand_over_in(lock: &DistributedLock, now: DateTime<Utc>) -> Duration {
+    renewal_due(lock)
+        .and_then(|due| (due - now).to_std().ok())
+        .map_or(Duration::ZERO, |wait| wait.saturating_sub(RENEWAL_LEAD))
+}
+
+/// Hands the listed requests to the controller (`to_controller`): holders
+/// when their renewal is due, the others most urgent first, at most
+/// [`IN_FLIGHT`] of those being reconciled at a time.
 pub async fn pace(
     first_pass: Arc<FirstPass>,
     store: kube::runtime::reflector::Store<DistributedLock>,
@@ -138,10 +158,23 @@ pub async fn pace(
     to_controller: mpsc::UnboundedSender<ObjectRef<DistributedLock>>,
 ) {
     let mut backlog: VecDeque<Arc<DistributedLock>> = VecDeque::new();
+    let mut holders: DelayQueue<ObjectRef<DistributedLock>> = DelayQueue::new();
+    // a holder whose renewal fell due (gone from the store: nothing to do)
+    let due = |holder: ObjectRef<DistributedLock>| store.get(&holder).is_none() || to_controller.send(holder).is_ok();
     loop {
         if backlog.is_empty() {
-            let Some(next) = listed.recv().await else { return };
-            backlog.extend(store.get(&next));
+            tokio::select! {
+                next = listed.recv() => match next {
+                    Some(next) => backlog.extend(store.get(&next)),
+                    None => return,
+                },
+                Some(holder) = holders.next() => {
+                    if !due(holder.into_inner()) {
+                        return;
+                    }
+                    continue;
+                }
+            }
         }
         // whatever else arrived meanwhile, in order of urgency
         let mut more = false;
@@ -153,8 +186,34 @@ pub async fn pace(
             backlog.make_contiguous().sort_by_cached_key(|l| urgency(l));
         }
         let Some(lock) = backlog.pop_front() else { continue };
-        first_pass.take_slot(&lock).await;
-        if to_controller.send(ObjectRef::from_obj(lock.as_ref())).is_err() {
+        let reference = ObjectRef::from_obj(lock.as_ref());
+        if queue::phase(&lock) == Phase::Granted {
+            match hand_over_in(&lock, Utc::now()) {
+                Duration::ZERO => {
+                    if to_controller.send(reference).is_err() {
+                        return;
+                    }
+                }
+                wait => {
+                    holders.insert(reference, wait);
+                }
+            }
+            continue;
+        }
+        // holders falling due meanwhile do not wait for a slot
+        let slot = first_pass.take_slot(&lock);
+        tokio::pin!(slot);
+        loop {
+            tokio::select! {
+                () = &mut slot => break,
+                Some(holder) = holders.next() => {
+                    if !due(holder.into_inner()) {
+                        return;
+                    }
+                }
+            }
+        }
+        if to_controller.send(reference).is_err() {
             return;
         }
     }
@@ -181,10 +240,11 @@ mod tests {
         let (to_controller, mut handed) = mpsc::unbounded_channel();
         tokio::spawn(pace(pass.clone(), store, listed, to_controller));
         let mut first = Vec::new();
-        for _ in 0..IN_FLIGHT {
+        // the holder never renewed (due at once) takes no slot
+        for _ in 0..=IN_FLIGHT {
             first.push(handed.recv().await.unwrap());
         }
-        assert_eq!(first[0].name, "w19", "a Granted request (its renewal may be due) first");
+        assert_eq!(first[0].name, "w19", "a Granted request whose renewal is due first");
         // (an absence: nothing to poll for, so a bounded wait)
         let more = tokio::time::timeout(Duration::from_millis(300), handed.recv()).await;
         assert!(more.is_err(), "no more than {IN_FLIGHT} at a time: {more:?}");
@@ -224,11 +284,15 @@ mod tests {
     }
 
     #[test]
-    fn granted_and_deleted_requests_are_never_paced() {
-        // a lease may be close to running out after a failover; a deleted
-        // holder's lock waits for its release
+    fn deleted_requests_and_holders_with_a_holder_ref_are_never_paced() {
+        // a deleted holder's lock waits for its release; a holderRef's Job or
+        // Pod may have finished while the controller was down
         let pass = FirstPass::default();
-        let holder = with_phase(request("holder", "ns", "k", 0, 1, 10), Phase::Granted, None);
+        let mut holder = with_phase(request("holder", "ns", "k", 0, 1, 10), Phase::Granted, None);
+        holder.spec.holder_ref = Some(crate::crd::HolderRef {
+            kind: crate::crd::HolderKind::Job,
+            name: "job".into(),
+        });
         let mut deleted = request("deleted", "ns", "j", 0, 1, 11);
         deleted.metadata.deletion_timestamp = deleted.metadata.creation_timestamp.clone();
         pass.observe(&watcher::Event::Init);
@@ -236,5 +300,51 @@ mod tests {
         pass.observe(&watcher::Event::InitApply(deleted.clone()));
         assert!(!pass.is_listed(&holder));
         assert!(!pass.is_listed(&deleted));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_listed_holder_goes_to_the_controller_when_its_renewal_is_due_whatever_the_slots() {
+        let (store, mut writer) = kube::runtime::reflector::store::<DistributedLock>();
+        let (to_pace, listed) = mpsc::unbounded_channel();
+        // every slot taken by waiters that never report back
+        for i in 0..IN_FLIGHT {
+            let waiter = request(&format!("w{i}"), "ns", "k", 0, 1, i as u64);
+            writer.apply_watcher_event(&watcher::Event::Apply(waiter.clone()));
+            to_pace.send(ObjectRef::from_obj(&waiter)).unwrap();
+        }
+        // renewed just now with a 4 s lease: due in 1 s
+        let now = Utc::now();
+        let mut holder = granted(
+            request("holder", "ns", "h", 0, 1, 50),
+            now,
+            now + chrono::Duration::seconds(4),
+        );
+        holder.spec.ttl = Some("4s".into());
+        writer.apply_watcher_event(&watcher::Event::Apply(holder.clone()));
+        to_pace.send(ObjectRef::from_obj(&holder)).unwrap();
+        let waiter = request("late", "ns", "k", 0, 1, 60);
+        writer.apply_watcher_event(&watcher::Event::Apply(waiter.clone()));
+        to_pace.send(ObjectRef::from_obj(&waiter)).unwrap();
+        let pass = Arc::new(FirstPass::default());
+        let (to_controller, mut handed) = mpsc::unbounded_channel();
+        let started = tokio::time::Instant::now();
+        tokio::spawn(pace(pass, store, listed, to_controller));
+        for _ in 0..IN_FLIGHT {
+            assert_ne!(
+                handed.recv().await.unwrap().name,
+                "holder",
+                "not before its renewal is due"
+            );
+        }
+        let next = tokio::time::timeout(Duration::from_secs(5), handed.recv()).await;
+        let next = next
+            .expect("the holder goes when due, while every slot is taken")
+            .unwrap();
+        assert_eq!(next.name, "holder");
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_millis(400) && waited <= Duration::from_secs(1),
+            "handed over {waited:?} after the start, just before its renewal (1 s)"
+        );
     }
 }
