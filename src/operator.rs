@@ -15,7 +15,6 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 use kube::api::Api;
 use kube::runtime::controller::Controller;
-use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector;
 use kube::runtime::{WatchStreamExt, watcher};
 use tokio::sync::{mpsc, watch};
@@ -145,11 +144,7 @@ pub async fn run(args: OperatorArgs) -> Result<(), OperatorError> {
         }),
     );
 
-    let reporter = Reporter {
-        controller: FIELD_MANAGER.into(),
-        instance: std::env::var("POD_NAME").ok(),
-    };
-    let recorder = Recorder::new(client.clone(), reporter);
+    let recorder = controller::events::Recorder::new(client.clone(), FIELD_MANAGER, std::env::var("POD_NAME").ok());
     let index = Arc::new(QueueIndex::default());
     let (lock_store, lock_writer) = reflector::store_shared::<DistributedLock>(SHARED_STREAM_BUFFER);
     let (job_store, job_writer) = reflector::store_shared::<Job>(SHARED_STREAM_BUFFER);

@@ -1,8 +1,234 @@
-//! Kubernetes Events on requests and gated Jobs (best effort: a failed event
-//! never fails a reconcile).
+//! Kubernetes Events (events.k8s.io/v1) on requests and gated Jobs (best
+//! effort: a failed event never fails a reconcile).
+//!
+//! Our own small recorder rather than kube's `events::Recorder`: that one
+//! keeps every event it published for six minutes in an unbounded map (whole
+//! `Event` objects, with their `ObjectReference` and `ObjectMeta`) and scans
+//! all of it under a write lock on every publish. At our event rate (two per
+//! lock cycle, ~90 cycles/s in the throughput benchmark) that is tens of
+//! thousands of cached events — most of the operator's heap — and a serialized
+//! O(n) step on the grant path. This one folds repeats the same way (an event
+//! with the same type, reason, action and object within six minutes of the last
+//! one becomes a `series` on the first, which keeps its note) but remembers at
+//! most [`Recent::KEPT`] series, each as a few strings, and does O(1) work per
+//! event.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::ObjectReference;
-use kube::runtime::events::{Event, EventType, Recorder};
+use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use serde_json::json;
+
+/// Normal or Warning.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum EventType {
+    Normal,
+    Warning,
+}
+
+impl EventType {
+    fn as_str(self) -> &'static str {
+        match self {
+            EventType::Normal => "Normal",
+            EventType::Warning => "Warning",
+        }
+    }
+}
+
+/// Publishes events as one reporting controller (cheap to clone).
+#[derive(Clone)]
+pub struct Recorder {
+    client: kube::Client,
+    controller: String,
+    instance: String,
+    recent: Arc<Mutex<Recent>>,
+}
+
+impl Recorder {
+    /// `instance`: this replica (the pod's name), the controller's name if unknown.
+    pub fn new(client: kube::Client, controller: &str, instance: Option<String>) -> Self {
+        Self {
+            client,
+            controller: controller.into(),
+            instance: instance.unwrap_or_else(|| controller.into()),
+            recent: Arc::new(Mutex::new(Recent::new(Recent::KEPT, SERIES_WINDOW))),
+        }
+    }
+
+    fn recent(&self) -> std::sync::MutexGuard<'_, Recent> {
+        self.recent.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    async fn publish(
+        &self,
+        object: &ObjectReference,
+        type_: EventType,
+        reason: &str,
+        action: &str,
+        note: String,
+    ) -> Result<(), kube::Error> {
+        let key = SeriesKey::new(object, type_, reason, action);
+        let now = Timestamp::now();
+        let write = self.recent().next(key.clone(), Instant::now(), || {
+            let prefix = object.name.as_deref().unwrap_or(&self.controller);
+            format!("{prefix}.{:x}", now.as_nanosecond())
+        });
+        let events: Api<Event> = Api::namespaced(self.client.clone(), object.namespace.as_deref().unwrap_or("default"));
+        let result = match write {
+            Write::Create(name) => {
+                let event = Event {
+                    metadata: ObjectMeta {
+                        name: Some(name),
+                        namespace: object.namespace.clone(),
+                        ..Default::default()
+                    },
+                    action: Some(action.into()),
+                    reason: Some(reason.into()),
+                    note: Some(note),
+                    type_: Some(type_.as_str().into()),
+                    event_time: Some(MicroTime(now)),
+                    regarding: Some(object.clone()),
+                    reporting_controller: Some(self.controller.clone()),
+                    reporting_instance: Some(self.instance.clone()),
+                    ..Default::default()
+                };
+                events.create(&PostParams::default(), &event).await.map(drop)
+            }
+            Write::Repeat { name, count } => {
+                // the API server keeps the first note: only the series changes
+                let series = json!({"series": {"count": count, "lastObservedTime": MicroTime(now)}});
+                events
+                    .patch(&name, &PatchParams::default(), &Patch::Merge(&series))
+                    .await
+                    .map(drop)
+            }
+        };
+        if result.is_err() {
+            // the next one starts a new event rather than patching one that may not exist
+            self.recent().forget(&key);
+        }
+        result
+    }
+}
+
+/// How long after the last occurrence a repeat still joins its series (as
+/// kube's and client-go's recorders do).
+const SERIES_WINDOW: Duration = Duration::from_secs(6 * 60);
+
+/// What makes two events one series (the reporting controller is the recorder's own).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct SeriesKey {
+    type_: EventType,
+    reason: String,
+    action: String,
+    namespace: Option<String>,
+    kind: Option<String>,
+    name: Option<String>,
+    uid: Option<String>,
+}
+
+impl SeriesKey {
+    fn new(object: &ObjectReference, type_: EventType, reason: &str, action: &str) -> Self {
+        Self {
+            type_,
+            reason: reason.into(),
+            action: action.into(),
+            namespace: object.namespace.clone(),
+            kind: object.kind.clone(),
+            name: object.name.clone(),
+            uid: object.uid.clone(),
+        }
+    }
+}
+
+/// An event already written: its name and how often it happened.
+#[derive(Debug)]
+struct Series {
+    name: String,
+    count: i32,
+    last: Instant,
+}
+
+/// What to write for an event.
+#[derive(Debug, PartialEq, Eq)]
+enum Write {
+    /// A new event with this name.
+    Create(String),
+    /// The event `name` happened again: its series now counts `count`.
+    Repeat { name: String, count: i32 },
+}
+
+/// The series seen lately, bounded: two generations of at most `half` each.
+/// New and repeated series go into the current one; when it is full it
+/// becomes the previous one and the previous one is dropped, so a series
+/// is remembered for at least `half` other series and at most `2 × half`
+/// series are kept, each O(1) to find, add or drop. A series whose last
+/// occurrence is older than `window` is not continued.
+struct Recent {
+    current: HashMap<SeriesKey, Series>,
+    previous: HashMap<SeriesKey, Series>,
+    half: usize,
+    window: Duration,
+}
+
+impl Recent {
+    /// Series remembered at most (~100 bytes each plus their strings).
+    const KEPT: usize = 1024;
+
+    fn new(kept: usize, window: Duration) -> Self {
+        Self {
+            current: HashMap::new(),
+            previous: HashMap::new(),
+            half: (kept / 2).max(1),
+            window,
+        }
+    }
+
+    /// Records an event with `key` at `now`: a repeat of a recent series, or a
+    /// new event named `name()`.
+    fn next(&mut self, key: SeriesKey, now: Instant, name: impl FnOnce() -> String) -> Write {
+        let earlier = self
+            .current
+            .remove(&key)
+            .or_else(|| self.previous.remove(&key))
+            .filter(|s| now.saturating_duration_since(s.last) < self.window);
+        let series = match earlier {
+            Some(s) => Series {
+                name: s.name,
+                count: s.count.saturating_add(1),
+                last: now,
+            },
+            None => Series {
+                name: name(),
+                count: 1,
+                last: now,
+            },
+        };
+        let write = if series.count == 1 {
+            Write::Create(series.name.clone())
+        } else {
+            Write::Repeat {
+                name: series.name.clone(),
+                count: series.count,
+            }
+        };
+        if self.current.len() >= self.half {
+            self.previous = std::mem::take(&mut self.current);
+        }
+        self.current.insert(key, series);
+        write
+    }
+
+    fn forget(&mut self, key: &SeriesKey) {
+        self.current.remove(key);
+        self.previous.remove(key);
+    }
+}
 
 /// Publishes one event about `object`.
 pub async fn publish(recorder: &Recorder, object: &ObjectReference, type_: EventType, reason: &str, note: String) {
@@ -20,14 +246,7 @@ async fn publish_action(
     action: &str,
     note: String,
 ) {
-    let event = Event {
-        type_,
-        reason: reason.into(),
-        note: Some(note),
-        action: action.into(),
-        secondary: None,
-    };
-    if let Err(e) = recorder.publish(&event, object).await {
+    if let Err(e) = recorder.publish(object, type_, reason, action, note).await {
         tracing::debug!(error = %e, reason, "could not publish event");
     }
 }
@@ -46,4 +265,123 @@ pub async fn warning(recorder: &Recorder, object: &ObjectReference, reason: &str
 pub async fn placed(recorder: &Recorder, job: &ObjectReference, position: usize, note: String) {
     let action = format!("WaitingAt{position}");
     publish_action(recorder, job, EventType::Normal, "Waiting", &action, note).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    impl Recent {
+        fn len(&self) -> usize {
+            self.current.len() + self.previous.len()
+        }
+    }
+
+    fn key(name: &str, reason: &str) -> SeriesKey {
+        let object = ObjectReference {
+            kind: Some("DistributedLock".into()),
+            namespace: Some("ns".into()),
+            name: Some(name.into()),
+            uid: Some(format!("uid-{name}")),
+            ..Default::default()
+        };
+        SeriesKey::new(&object, EventType::Normal, reason, reason)
+    }
+
+    fn named(n: &str) -> impl FnOnce() -> String + '_ {
+        move || n.to_string()
+    }
+
+    #[test]
+    fn a_repeat_within_the_window_continues_the_series_of_the_first_event() {
+        let mut recent = Recent::new(8, SERIES_WINDOW);
+        let t = Instant::now();
+        assert_eq!(
+            recent.next(key("a", "Granted"), t, named("a.1")),
+            Write::Create("a.1".into())
+        );
+        let later = t + Duration::from_secs(60);
+        assert_eq!(
+            recent.next(key("a", "Granted"), later, named("a.2")),
+            Write::Repeat {
+                name: "a.1".into(),
+                count: 2
+            }
+        );
+        // the window runs from the last occurrence
+        assert_eq!(
+            recent.next(key("a", "Granted"), later + Duration::from_secs(300), named("a.3")),
+            Write::Repeat {
+                name: "a.1".into(),
+                count: 3
+            }
+        );
+        // another reason, another object: their own events
+        assert_eq!(
+            recent.next(key("a", "Released"), later, named("a.4")),
+            Write::Create("a.4".into())
+        );
+        assert_eq!(
+            recent.next(key("b", "Granted"), later, named("b.1")),
+            Write::Create("b.1".into())
+        );
+    }
+
+    #[test]
+    fn a_repeat_after_the_window_is_a_new_event() {
+        let mut recent = Recent::new(8, SERIES_WINDOW);
+        let t = Instant::now();
+        recent.next(key("a", "Granted"), t, named("a.1"));
+        assert_eq!(
+            recent.next(key("a", "Granted"), t + SERIES_WINDOW, named("a.2")),
+            Write::Create("a.2".into())
+        );
+    }
+
+    #[test]
+    fn memory_stays_bounded_however_many_objects_have_events() {
+        let mut recent = Recent::new(Recent::KEPT, SERIES_WINDOW);
+        let t = Instant::now();
+        for i in 0..20_000 {
+            let name = format!("lock-{i}");
+            recent.next(key(&name, "Granted"), t, || name.clone());
+            assert!(recent.len() <= Recent::KEPT, "{} series kept after {i}", recent.len());
+        }
+        // the latest ones still fold
+        assert_eq!(
+            recent.next(key("lock-19999", "Granted"), t, named("x")),
+            Write::Repeat {
+                name: "lock-19999".into(),
+                count: 2
+            }
+        );
+    }
+
+    #[test]
+    fn a_series_kept_repeating_survives_many_other_events() {
+        let mut recent = Recent::new(16, SERIES_WINDOW);
+        let t = Instant::now();
+        recent.next(key("busy", "Warning"), t, named("busy.1"));
+        for i in 0..100 {
+            recent.next(key(&format!("other-{i}"), "Granted"), t, named("o"));
+            if i % 7 == 0 {
+                assert!(matches!(
+                    recent.next(key("busy", "Warning"), t, named("busy.2")),
+                    Write::Repeat { ref name, .. } if name == "busy.1"
+                ));
+            }
+        }
+    }
+
+    #[test]
+    fn a_forgotten_series_starts_over() {
+        let mut recent = Recent::new(8, SERIES_WINDOW);
+        let t = Instant::now();
+        recent.next(key("a", "Granted"), t, named("a.1"));
+        recent.forget(&key("a", "Granted"));
+        assert_eq!(
+            recent.next(key("a", "Granted"), t, named("a.2")),
+            Write::Create("a.2".into())
+        );
+    }
 }

@@ -29,7 +29,6 @@ use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::Recorder;
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Resource, ResourceExt};
@@ -51,7 +50,7 @@ pub struct Context {
     pub locks: LockClient,
     pub store: Store<DistributedLock>,
     pub jobs: Store<Job>,
-    pub recorder: Recorder,
+    pub recorder: events::Recorder,
     pub metrics: Arc<Metrics>,
     pub readiness: Arc<Readiness>,
     /// Requests to reconcile now: the queue moved.

@@ -8,10 +8,10 @@ use futures::TryStreamExt;
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::Resource;
 use kube::api::Api;
-use kube::runtime::events::Recorder;
 use kube::runtime::{WatchStreamExt, watcher};
 use tokio::sync::mpsc;
 
+use super::events::Recorder;
 use super::raw::RawRequest;
 use crate::crd::DistributedLock;
 use crate::metrics::Metrics;
