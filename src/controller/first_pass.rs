@@ -115,42 +115,65 @@ impl FirstPass {
     }
 }
 
-/// When a holder's next renewal is due: its last renewal plus the period of
-/// that lease's TTL (a short lease renewed last may be due before a long one
-/// renewed earlier); never renewed: at once.
-fn renewal_due(lock: &DistributedLock) -> Option<DateTime<Utc>> {
-    let renewed = lock
-        .status
-        .as_ref()
-        .and_then(|s| s.renewed_at.as_deref())
-        .and_then(queue::parse_time)?;
-    let (_, period) = super::granted::lease_plan(lock);
-    Some(renewed + chrono::Duration::from_std(period).unwrap_or_default())
-}
-
-/// Which listed requests go first: Granted ones by when their renewal is
-/// due, then the waiters (the head of a key its holder left while the
-/// controller was down among them), then the rest.
-fn urgency(lock: &DistributedLock) -> (u8, Option<DateTime<Utc>>) {
+/// Which listed requests go first: the waiters (the head of a key its holder
+/// left while the controller was down among them), then the rest.
+fn urgency(lock: &DistributedLock) -> u8 {
     match queue::phase(lock) {
-        Phase::Granted => (0, renewal_due(lock)),
-        Phase::Pending => (1, None),
-        _ => (2, None),
+        Phase::Pending => 0,
+        _ => 1,
     }
 }
 
+/// A holder handed over early only has its renewal scheduled again: its
+/// wait is capped (the timer queue refuses waits of years).
+const LONGEST_WAIT: Duration = Duration::from_secs(3600);
+
 /// How long after `now` a listed holder goes to the controller: just before
-/// its renewal is due, which is when the controller would have renewed it
-/// had it not restarted. Its renewal never waits for other listed requests.
+/// its renewal is due (see [`super::granted::renewal_due`]), which is when
+/// the controller would have renewed it had it not restarted.
 fn hand_over_in(lock: &DistributedLock, now: DateTime<Utc>) -> Duration {
-    renewal_due(lock)
+    super::granted::renewal_due(lock, now)
         .and_then(|due| (due - now).to_std().ok())
-        .map_or(Duration::ZERO, |wait| wait.saturating_sub(RENEWAL_LEAD))
+        .map_or(Duration::ZERO, |wait| {
+            wait.saturating_sub(RENEWAL_LEAD).min(LONGEST_WAIT)
+        })
+}
+
+/// Listed holders, each waiting for its renewal to fall due (one timer per
+/// request however often it is listed).
+#[derive(Default)]
+struct Holders {
+    timers: DelayQueue<ObjectRef<DistributedLock>>,
+    keys: HashMap<ObjectRef<DistributedLock>, tokio_util::time::delay_queue::Key>,
+}
+
+impl Holders {
+    fn wait(&mut self, holder: ObjectRef<DistributedLock>, wait: Duration) {
+        match self.keys.get(&holder) {
+            Some(key) => self.timers.reset(key, wait),
+            None => {
+                let key = self.timers.insert(holder.clone(), wait);
+                self.keys.insert(holder, key);
+            }
+        }
+    }
+
+    /// The next holder whose renewal falls due (pending while there is none).
+    async fn due(&mut self) -> ObjectRef<DistributedLock> {
+        match self.timers.next().await {
+            Some(expired) => {
+                let holder = expired.into_inner();
+                self.keys.remove(&holder);
+                holder
+            }
+            None => std::future::pending().await,
+        }
+    }
 }
 
 /// Hands the listed requests to the controller (`to_controller`): holders
-/// when their renewal is due, the others most urgent first, at most
-/// [`IN_FLIGHT`] of those being reconciled at a time.
+/// when their renewal is due, never behind anything else; the others
+/// waiters first, at most [`IN_FLIGHT`] of those being reconciled at a time.
 pub async fn pace(
     first_pass: Arc<FirstPass>,
     store: kube::runtime::reflector::Store<DistributedLock>,
@@ -158,62 +181,65 @@ pub async fn pace(
     to_controller: mpsc::UnboundedSender<ObjectRef<DistributedLock>>,
 ) {
     let mut backlog: VecDeque<Arc<DistributedLock>> = VecDeque::new();
-    let mut holders: DelayQueue<ObjectRef<DistributedLock>> = DelayQueue::new();
+    let mut holders = Holders::default();
+    // a listed request: a holder to its timer (or to the controller, if due),
+    // anything else to the backlog; false once the controller is gone
+    let route = |next: ObjectRef<DistributedLock>, backlog: &mut VecDeque<_>, holders: &mut Holders| {
+        let Some(lock) = store.get(&next) else { return true };
+        if queue::phase(&lock) != Phase::Granted {
+            backlog.push_back(lock);
+            return true;
+        }
+        match hand_over_in(&lock, Utc::now()) {
+            Duration::ZERO => to_controller.send(next).is_ok(),
+            wait => {
+                holders.wait(next, wait);
+                true
+            }
+        }
+    };
     // a holder whose renewal fell due (gone from the store: nothing to do)
     let due = |holder: ObjectRef<DistributedLock>| store.get(&holder).is_none() || to_controller.send(holder).is_ok();
     loop {
         if backlog.is_empty() {
-            tokio::select! {
+            let alive = tokio::select! {
                 next = listed.recv() => match next {
-                    Some(next) => backlog.extend(store.get(&next)),
+                    Some(next) => route(next, &mut backlog, &mut holders),
                     None => return,
                 },
-                Some(holder) = holders.next() => {
-                    if !due(holder.into_inner()) {
-                        return;
-                    }
-                    continue;
-                }
-            }
-        }
-        // whatever else arrived meanwhile, in order of urgency
-        let mut more = false;
-        while let Ok(next) = listed.try_recv() {
-            backlog.extend(store.get(&next));
-            more = true;
-        }
-        if more {
-            backlog.make_contiguous().sort_by_cached_key(|l| urgency(l));
-        }
-        let Some(lock) = backlog.pop_front() else { continue };
-        let reference = ObjectRef::from_obj(lock.as_ref());
-        if queue::phase(&lock) == Phase::Granted {
-            match hand_over_in(&lock, Utc::now()) {
-                Duration::ZERO => {
-                    if to_controller.send(reference).is_err() {
-                        return;
-                    }
-                }
-                wait => {
-                    holders.insert(reference, wait);
-                }
+                holder = holders.due() => due(holder),
+            };
+            if !alive {
+                return;
             }
             continue;
         }
-        // holders falling due meanwhile do not wait for a slot
+        // whatever else arrived meanwhile, waiters first
+        let mut more = false;
+        while let Ok(next) = listed.try_recv() {
+            if !route(next, &mut backlog, &mut holders) {
+                return;
+            }
+            more = true;
+        }
+        if more {
+            backlog.make_contiguous().sort_by_key(|l| urgency(l));
+        }
+        let Some(lock) = backlog.pop_front() else { continue };
+        // holders listed or falling due meanwhile never wait for a slot
         let slot = first_pass.take_slot(&lock);
         tokio::pin!(slot);
         loop {
-            tokio::select! {
+            let alive = tokio::select! {
                 () = &mut slot => break,
-                Some(holder) = holders.next() => {
-                    if !due(holder.into_inner()) {
-                        return;
-                    }
-                }
+                Some(next) = listed.recv() => route(next, &mut backlog, &mut holders),
+                holder = holders.due() => due(holder),
+            };
+            if !alive {
+                return;
             }
         }
-        if to_controller.send(reference).is_err() {
+        if to_controller.send(ObjectRef::from_obj(lock.as_ref())).is_err() {
             return;
         }
     }
@@ -254,20 +280,30 @@ mod tests {
     }
 
     #[test]
-    fn a_short_lease_renewed_last_goes_before_a_long_one_renewed_earlier() {
+    fn a_holder_is_handed_over_just_before_its_renewal_and_never_later_than_one_period() {
         let at = |s: i64| DateTime::from_timestamp(1_800_000_000 + s, 0).unwrap();
-        // renewed at 0 for an hour: due at 900 s; renewed at 5 s for 10 s: due at 7.5 s
         let with_ttl = |mut lock: DistributedLock, ttl: &str| {
             lock.spec.ttl = Some(ttl.into());
             lock
         };
+        let now = at(6);
+        // renewed at 0 for an hour: due at 900 s; renewed at 5 s for 10 s: due at 7.5 s
         let long = granted(with_ttl(request("long", "ns", "a", 0, 1, 1), "1h"), at(0), at(3600));
         let short = granted(with_ttl(request("short", "ns", "b", 0, 1, 2), "10s"), at(5), at(15));
-        let waiter = request("waiter", "ns", "c", 0, 1, 3);
-        let mut order = [waiter, long, short];
-        order.sort_by_cached_key(urgency);
-        let names: Vec<_> = order.iter().map(|l| l.name_any()).collect();
-        assert_eq!(names, ["short", "long", "waiter"]);
+        assert_eq!(hand_over_in(&short, now), Duration::from_millis(1000));
+        assert_eq!(hand_over_in(&long, now), Duration::from_millis(893_500));
+        // overdue, or never renewed: at once
+        assert_eq!(hand_over_in(&short, at(8)), Duration::ZERO);
+        let never = with_phase(request("never", "ns", "c", 0, 1, 3), Phase::Granted, None);
+        assert_eq!(hand_over_in(&never, now), Duration::ZERO);
+        // a renewal recorded years ahead (a clock ahead, a hand edit) counts
+        // as made now: one period, not years (the timer queue refuses those)
+        let ahead = granted(
+            with_ttl(request("ahead", "ns", "d", 0, 1, 4), "10s"),
+            at(200_000_000),
+            at(200_000_010),
+        );
+        assert_eq!(hand_over_in(&ahead, now), Duration::from_millis(2000));
     }
 
     #[test]
@@ -345,6 +381,40 @@ mod tests {
         assert!(
             waited >= Duration::from_millis(400) && waited <= Duration::from_secs(1),
             "handed over {waited:?} after the start, just before its renewal (1 s)"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_holder_listed_while_every_slot_is_taken_does_not_wait_for_one() {
+        let (store, mut writer) = kube::runtime::reflector::store::<DistributedLock>();
+        let (to_pace, listed) = mpsc::unbounded_channel();
+        // one waiter more than there are slots, none reporting back
+        for i in 0..=IN_FLIGHT {
+            let waiter = request(&format!("w{i}"), "ns", "k", 0, 1, i as u64);
+            writer.apply_watcher_event(&watcher::Event::Apply(waiter.clone()));
+            to_pace.send(ObjectRef::from_obj(&waiter)).unwrap();
+        }
+        let (to_controller, mut handed) = mpsc::unbounded_channel();
+        tokio::spawn(pace(Arc::new(FirstPass::default()), store, listed, to_controller));
+        for _ in 0..IN_FLIGHT {
+            handed.recv().await.unwrap();
+        }
+        // then a holder overdue for its renewal
+        let long_ago = Utc::now() - chrono::Duration::seconds(20);
+        let holder = granted(
+            request("holder", "ns", "h", 0, 1, 50),
+            long_ago,
+            long_ago + chrono::Duration::seconds(30),
+        );
+        writer.apply_watcher_event(&watcher::Event::Apply(holder.clone()));
+        let sent = tokio::time::Instant::now();
+        to_pace.send(ObjectRef::from_obj(&holder)).unwrap();
+        let next = tokio::time::timeout(GIVE_UP, handed.recv()).await;
+        assert_eq!(next.expect("handed over before a slot frees").unwrap().name, "holder");
+        assert!(
+            sent.elapsed() < Duration::from_millis(100),
+            "at once: {:?}",
+            sent.elapsed()
         );
     }
 }

@@ -55,6 +55,23 @@ pub fn lease_plan(lock: &DistributedLock) -> (Duration, Duration) {
     (ttl, renew_period(shortest))
 }
 
+/// When the next renewal of a Granted request is due: its last renewal plus
+/// the period of its lease; never renewed (or unreadable): `None`, at once. A
+/// renewal recorded in the future (a replica whose clock ran ahead, a hand
+/// edit of the status) counts as made `now`, so the next one is never put off
+/// by more than one period.
+pub fn renewal_due(lock: &DistributedLock, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    let renewed = lock
+        .status
+        .as_ref()
+        .and_then(|s| s.renewed_at.as_deref())
+        .and_then(parse_time)?;
+    let (_, period) = lease_plan(lock);
+    renewed
+        .min(now)
+        .checked_add_signed(chrono::Duration::from_std(period).ok()?)
+}
+
 /// Decides the next step of a Granted request (pure).
 pub fn decide(lock: &DistributedLock, holder: HolderState, now: DateTime<Utc>) -> GrantedStep {
     match holder {
@@ -72,16 +89,10 @@ pub fn decide(lock: &DistributedLock, holder: HolderState, now: DateTime<Utc>) -
         }
         HolderState::Running | HolderState::Unbound => {}
     }
-    let (ttl, period) = lease_plan(lock);
-    let renewed_at = lock
-        .status
-        .as_ref()
-        .and_then(|s| s.renewed_at.as_deref())
-        .and_then(parse_time);
-    let Some(renewed_at) = renewed_at else {
+    let (ttl, _) = lease_plan(lock);
+    let Some(due) = renewal_due(lock, now) else {
         return GrantedStep::Renew { ttl };
     };
-    let due = renewed_at + chrono::Duration::from_std(period).unwrap_or_default();
     if now < due {
         return GrantedStep::NotDue((due - now).to_std().unwrap_or_default());
     }
@@ -203,6 +214,16 @@ mod tests {
         assert_eq!(
             decide(&lock, HolderState::Unbound, at(0)),
             GrantedStep::NotDue(Duration::from_millis(500))
+        );
+    }
+
+    #[test]
+    fn a_renewal_recorded_in_the_future_counts_as_made_now() {
+        // a replica whose clock ran ahead, or a hand edit: renew a period from now, not years ahead
+        let lock = holding("8s", 10_000_000, 10_000_008);
+        assert_eq!(
+            decide(&lock, HolderState::Unbound, at(0)),
+            GrantedStep::NotDue(Duration::from_secs(2))
         );
     }
 

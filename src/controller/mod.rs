@@ -279,7 +279,16 @@ pub fn object_ref(lock: &DistributedLock) -> ObjectReference {
 }
 
 pub fn error_policy(lock: Arc<DistributedLock>, error: &Error, ctx: Arc<Context>) -> Action {
-    retry_after(&*lock, error, &ctx)
+    let retry = retry_after(&*lock, error, &ctx);
+    // a holder's lease runs on: its next try never comes later than a renewal period
+    if queue::phase(&lock) == Phase::Granted {
+        let (_, period) = granted::lease_plan(&lock);
+        let backoff = error.category().backoff();
+        if period < backoff {
+            return Action::requeue(period);
+        }
+    }
+    retry
 }
 
 /// Counts a failed reconcile (of a request or a gated Job) by category and
