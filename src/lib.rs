@@ -12,7 +12,6 @@ pub mod gate;
 pub mod http;
 pub mod leader;
 pub mod lock;
-pub mod memory;
 pub mod metrics;
 pub mod operator;
 pub mod queue;

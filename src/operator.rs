@@ -144,7 +144,6 @@ pub async fn run(args: OperatorArgs) -> Result<(), OperatorError> {
         }),
     );
 
-    let trim = tokio::spawn(crate::memory::give_back_freed(crate::memory::TRIM_EVERY));
     let recorder = controller::events::Recorder::new(client.clone(), FIELD_MANAGER, std::env::var("POD_NAME").ok());
     let index = Arc::new(QueueIndex::default());
     let (lock_store, lock_writer) = reflector::store_shared::<DistributedLock>(SHARED_STREAM_BUFFER);
@@ -403,7 +402,6 @@ pub async fn run(args: OperatorArgs) -> Result<(), OperatorError> {
     http.abort();
     gauges.abort();
     pacer.abort();
-    trim.abort();
     tracing::info!("operator stopped");
     result
 }

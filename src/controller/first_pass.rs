@@ -23,6 +23,10 @@ use crate::queue;
 
 /// Listed requests being reconciled at once, at most.
 pub const IN_FLIGHT: usize = 8;
+/// And at most one every this long: a listed request's reconcile is quick,
+/// so slots alone would keep the controller (and the API server's CPU) busy
+/// with the pass, ahead of the steps of a new request.
+pub const ONE_EVERY: Duration = Duration::from_millis(1);
 /// A handed-over request the controller never reported back on (deleted
 /// before its turn, say) stops counting against [`IN_FLIGHT`] after this long.
 const GIVE_UP: Duration = Duration::from_secs(10);
@@ -173,7 +177,8 @@ impl Holders {
 
 /// Hands the listed requests to the controller (`to_controller`): holders
 /// when their renewal is due, never behind anything else; the others
-/// waiters first, at most [`IN_FLIGHT`] of those being reconciled at a time.
+/// waiters first, at most [`IN_FLIGHT`] of those being reconciled at a time
+/// and one every [`ONE_EVERY`].
 pub async fn pace(
     first_pass: Arc<FirstPass>,
     store: kube::runtime::reflector::Store<DistributedLock>,
@@ -182,6 +187,8 @@ pub async fn pace(
 ) {
     let mut backlog: VecDeque<Arc<DistributedLock>> = VecDeque::new();
     let mut holders = Holders::default();
+    let mut rate = tokio::time::interval(ONE_EVERY);
+    rate.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // a listed request: a holder to its timer (or to the controller, if due),
     // anything else to the backlog; false once the controller is gone
     let route = |next: ObjectRef<DistributedLock>, backlog: &mut VecDeque<_>, holders: &mut Holders| {
@@ -227,7 +234,10 @@ pub async fn pace(
         }
         let Some(lock) = backlog.pop_front() else { continue };
         // holders listed or falling due meanwhile never wait for a slot
-        let slot = first_pass.take_slot(&lock);
+        let slot = async {
+            rate.tick().await;
+            first_pass.take_slot(&lock).await
+        };
         tokio::pin!(slot);
         loop {
             let alive = tokio::select! {
