@@ -143,15 +143,44 @@ fn hand_over_in(lock: &DistributedLock, now: DateTime<Utc>) -> Duration {
         })
 }
 
+/// Holders listed with their renewal already due (it fell due while the
+/// controller was down) are handed over one every this long, not all at
+/// once: a burst of renewals (a status write each) would queue a new
+/// request's writes behind it at the API server.
+const OVERDUE_SPACING: Duration = Duration::from_millis(10);
+
+/// How long a listed holder whose renewal is due may still wait: until one
+/// more renewal period has passed, when at least half of its lease is left
+/// (a period is at most a quarter of the TTL). Never renewed: not at all.
+fn overdue_slack(lock: &DistributedLock, now: DateTime<Utc>) -> Duration {
+    let Some(due) = super::granted::renewal_due(lock, now) else {
+        return Duration::ZERO;
+    };
+    let (_, period) = super::granted::lease_plan(lock);
+    let latest = due + chrono::Duration::from_std(period).unwrap_or_default();
+    (latest - now).to_std().unwrap_or_default().min(period)
+}
+
 /// Listed holders, each waiting for its renewal to fall due (one timer per
 /// request however often it is listed).
 #[derive(Default)]
 struct Holders {
     timers: DelayQueue<ObjectRef<DistributedLock>>,
     keys: HashMap<ObjectRef<DistributedLock>, tokio_util::time::delay_queue::Key>,
+    /// When the next overdue holder may go.
+    next_overdue: Option<tokio::time::Instant>,
 }
 
 impl Holders {
+    /// How long an overdue holder waits for its turn (see
+    /// [`OVERDUE_SPACING`]), never longer than `slack`.
+    fn overdue_turn(&mut self, slack: Duration) -> Duration {
+        let now = tokio::time::Instant::now();
+        let turn = self.next_overdue.map_or(now, |next| next.max(now));
+        self.next_overdue = Some(turn + OVERDUE_SPACING);
+        (turn - now).min(slack)
+    }
+
     fn wait(&mut self, holder: ObjectRef<DistributedLock>, wait: Duration) {
         match self.keys.get(&holder) {
             Some(key) => self.timers.reset(key, wait),
@@ -197,13 +226,16 @@ pub async fn pace(
             backlog.push_back(lock);
             return true;
         }
-        match hand_over_in(&lock, Utc::now()) {
-            Duration::ZERO => to_controller.send(next).is_ok(),
-            wait => {
-                holders.wait(next, wait);
-                true
-            }
+        let now = Utc::now();
+        let wait = match hand_over_in(&lock, now) {
+            Duration::ZERO => holders.overdue_turn(overdue_slack(&lock, now)),
+            wait => wait,
+        };
+        if wait.is_zero() {
+            return to_controller.send(next).is_ok();
         }
+        holders.wait(next, wait);
+        true
     };
     // a holder whose renewal fell due (gone from the store: nothing to do)
     let due = |holder: ObjectRef<DistributedLock>| store.get(&holder).is_none() || to_controller.send(holder).is_ok();
@@ -425,6 +457,47 @@ mod tests {
             sent.elapsed() < Duration::from_millis(100),
             "at once: {:?}",
             sent.elapsed()
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn overdue_holders_are_spread_out_within_their_slack_and_the_most_urgent_go_at_once() {
+        let (store, mut writer) = kube::runtime::reflector::store::<DistributedLock>();
+        let (to_pace, listed) = mpsc::unbounded_channel();
+        let now = Utc::now();
+        let renewed = |ago: i64| now - chrono::Duration::seconds(ago);
+        // 30 s leases whose renewal fell due 1.5 s ago: 6 s of slack each
+        for i in 0..30 {
+            let holder = granted(
+                request(&format!("h{i}"), "ns", &format!("k{i}"), 0, 1, i),
+                renewed(9),
+                renewed(9) + chrono::Duration::seconds(30),
+            );
+            writer.apply_watcher_event(&watcher::Event::Apply(holder.clone()));
+            to_pace.send(ObjectRef::from_obj(&holder)).unwrap();
+        }
+        // renewed 20 s ago: past its slack (half its lease is gone), listed last
+        let urgent = granted(
+            request("urgent", "ns", "u", 0, 1, 99),
+            renewed(20),
+            renewed(20) + chrono::Duration::seconds(30),
+        );
+        writer.apply_watcher_event(&watcher::Event::Apply(urgent.clone()));
+        to_pace.send(ObjectRef::from_obj(&urgent)).unwrap();
+        let (to_controller, mut handed) = mpsc::unbounded_channel();
+        let started = tokio::time::Instant::now();
+        tokio::spawn(pace(Arc::new(FirstPass::default()), store, listed, to_controller));
+        let mut order = Vec::new();
+        for _ in 0..31 {
+            let next = tokio::time::timeout(Duration::from_secs(6), handed.recv()).await;
+            order.push((next.expect("within the slack").unwrap().name, started.elapsed()));
+        }
+        let urgent_at = order.iter().position(|(name, _)| name == "urgent").unwrap();
+        assert!(urgent_at <= 1, "the holder past its slack goes at once: {order:?}");
+        let last = order.last().unwrap().1;
+        assert!(
+            last >= OVERDUE_SPACING * 25 && last < Duration::from_secs(1),
+            "one every {OVERDUE_SPACING:?}, not all at once: the last after {last:?}"
         );
     }
 }
