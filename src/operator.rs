@@ -257,11 +257,10 @@ pub async fn run(args: OperatorArgs) -> Result<(), OperatorError> {
     let fresh = {
         let first_pass = first_pass.clone();
         locks_for_controller.filter(move |lock| {
-            let listed = first_pass.is_listed(lock);
-            if listed {
-                let _ = to_pace.send(reflector::ObjectRef::from_obj(lock.as_ref()));
-            }
-            futures::future::ready(!listed)
+            // (were the pacer gone, the controller would take them all)
+            let paced =
+                first_pass.is_listed(lock) && to_pace.send(reflector::ObjectRef::from_obj(lock.as_ref())).is_ok();
+            futures::future::ready(!paced)
         })
     };
     let pacer = tokio::spawn(controller::first_pass::pace(

@@ -173,12 +173,22 @@ struct Holders {
 
 impl Holders {
     /// How long an overdue holder waits for its turn (see
-    /// [`OVERDUE_SPACING`]), never longer than `slack`.
+    /// [`OVERDUE_SPACING`]): not at all if its turn would come after `slack`.
     fn overdue_turn(&mut self, slack: Duration) -> Duration {
         let now = tokio::time::Instant::now();
         let turn = self.next_overdue.map_or(now, |next| next.max(now));
+        if turn - now > slack {
+            return Duration::ZERO;
+        }
         self.next_overdue = Some(turn + OVERDUE_SPACING);
-        (turn - now).min(slack)
+        turn - now
+    }
+
+    /// Forgets `holder`'s timer (it goes to the controller now).
+    fn cancel(&mut self, holder: &ObjectRef<DistributedLock>) {
+        if let Some(key) = self.keys.remove(holder) {
+            self.timers.remove(&key);
+        }
     }
 
     fn wait(&mut self, holder: ObjectRef<DistributedLock>, wait: Duration) {
@@ -220,23 +230,27 @@ pub async fn pace(
     rate.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // a listed request: a holder to its timer (or to the controller, if due),
     // anything else to the backlog; false once the controller is gone
-    let route = |next: ObjectRef<DistributedLock>, backlog: &mut VecDeque<_>, holders: &mut Holders| {
-        let Some(lock) = store.get(&next) else { return true };
-        if queue::phase(&lock) != Phase::Granted {
-            backlog.push_back(lock);
-            return true;
-        }
-        let now = Utc::now();
-        let wait = match hand_over_in(&lock, now) {
-            Duration::ZERO => holders.overdue_turn(overdue_slack(&lock, now)),
-            wait => wait,
+    let route =
+        |next: ObjectRef<DistributedLock>, backlog: &mut VecDeque<Arc<DistributedLock>>, holders: &mut Holders| {
+            let Some(lock) = store.get(&next) else { return true };
+            if queue::phase(&lock) != Phase::Granted {
+                // waiters before the rest, each group in list order
+                let at = backlog.partition_point(|l| urgency(l) <= urgency(&lock));
+                backlog.insert(at, lock);
+                return true;
+            }
+            let now = Utc::now();
+            let wait = match hand_over_in(&lock, now) {
+                Duration::ZERO => holders.overdue_turn(overdue_slack(&lock, now)),
+                wait => wait,
+            };
+            if wait.is_zero() {
+                holders.cancel(&next);
+                return to_controller.send(next).is_ok();
+            }
+            holders.wait(next, wait);
+            true
         };
-        if wait.is_zero() {
-            return to_controller.send(next).is_ok();
-        }
-        holders.wait(next, wait);
-        true
-    };
     // a holder whose renewal fell due (gone from the store: nothing to do)
     let due = |holder: ObjectRef<DistributedLock>| store.get(&holder).is_none() || to_controller.send(holder).is_ok();
     loop {
@@ -253,16 +267,11 @@ pub async fn pace(
             }
             continue;
         }
-        // whatever else arrived meanwhile, waiters first
-        let mut more = false;
+        // whatever else arrived meanwhile (each in its place)
         while let Ok(next) = listed.try_recv() {
             if !route(next, &mut backlog, &mut holders) {
                 return;
             }
-            more = true;
-        }
-        if more {
-            backlog.make_contiguous().sort_by_key(|l| urgency(l));
         }
         let Some(lock) = backlog.pop_front() else { continue };
         // holders listed or falling due meanwhile never wait for a slot
@@ -322,7 +331,7 @@ mod tests {
     }
 
     #[test]
-    fn a_holder_is_handed_over_just_before_its_renewal_and_never_later_than_one_period() {
+    fn a_holder_is_handed_over_just_before_its_renewal() {
         let at = |s: i64| DateTime::from_timestamp(1_800_000_000 + s, 0).unwrap();
         let with_ttl = |mut lock: DistributedLock, ttl: &str| {
             lock.spec.ttl = Some(ttl.into());
@@ -338,14 +347,16 @@ mod tests {
         assert_eq!(hand_over_in(&short, at(8)), Duration::ZERO);
         let never = with_phase(request("never", "ns", "c", 0, 1, 3), Phase::Granted, None);
         assert_eq!(hand_over_in(&never, now), Duration::ZERO);
-        // a renewal recorded years ahead (a clock ahead, a hand edit) counts
-        // as made now: one period, not years (the timer queue refuses those)
+        // a renewal recorded years ahead (a clock ahead, a hand edit) is due
+        // at once, with one period of slack — not years (the timer queue
+        // refuses those)
         let ahead = granted(
             with_ttl(request("ahead", "ns", "d", 0, 1, 4), "10s"),
             at(200_000_000),
             at(200_000_010),
         );
-        assert_eq!(hand_over_in(&ahead, now), Duration::from_millis(2000));
+        assert_eq!(hand_over_in(&ahead, now), Duration::ZERO);
+        assert_eq!(overdue_slack(&ahead, now), Duration::from_millis(2500));
     }
 
     #[test]
@@ -498,6 +509,21 @@ mod tests {
         assert!(
             last >= OVERDUE_SPACING * 25 && last < Duration::from_secs(1),
             "one every {OVERDUE_SPACING:?}, not all at once: the last after {last:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_overdue_holder_whose_turn_comes_after_its_slack_goes_at_once_and_takes_no_turn() {
+        let mut holders = Holders::default();
+        let second = Duration::from_secs(1);
+        assert_eq!(holders.overdue_turn(second), Duration::ZERO);
+        assert_eq!(holders.overdue_turn(second), OVERDUE_SPACING);
+        let urgent = holders.overdue_turn(Duration::from_millis(5));
+        assert_eq!(urgent, Duration::ZERO, "its turn (in 20 ms) is past its slack");
+        assert_eq!(
+            holders.overdue_turn(second),
+            OVERDUE_SPACING * 2,
+            "the urgent one took no turn"
         );
     }
 }

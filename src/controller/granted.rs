@@ -58,18 +58,19 @@ pub fn lease_plan(lock: &DistributedLock) -> (Duration, Duration) {
 /// When the next renewal of a Granted request is due: its last renewal plus
 /// the period of its lease; never renewed (or unreadable): `None`, at once. A
 /// renewal recorded in the future (a replica whose clock ran ahead, a hand
-/// edit of the status) counts as made `now`, so the next one is never put off
-/// by more than one period.
+/// edit of the status) makes it due at once: it is not known when the lease
+/// was last extended, and the renewal writes `renewedAt` by this clock.
 pub fn renewal_due(lock: &DistributedLock, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
     let renewed = lock
         .status
         .as_ref()
         .and_then(|s| s.renewed_at.as_deref())
         .and_then(parse_time)?;
+    if renewed > now {
+        return Some(now);
+    }
     let (_, period) = lease_plan(lock);
-    renewed
-        .min(now)
-        .checked_add_signed(chrono::Duration::from_std(period).ok()?)
+    renewed.checked_add_signed(chrono::Duration::from_std(period).ok()?)
 }
 
 /// Decides the next step of a Granted request (pure).
@@ -218,13 +219,15 @@ mod tests {
     }
 
     #[test]
-    fn a_renewal_recorded_in_the_future_counts_as_made_now() {
-        // a replica whose clock ran ahead, or a hand edit: renew a period from now, not years ahead
-        let lock = holding("8s", 10_000_000, 10_000_008);
-        assert_eq!(
-            decide(&lock, HolderState::Unbound, at(0)),
-            GrantedStep::NotDue(Duration::from_secs(2))
-        );
+    fn a_renewal_recorded_in_the_future_is_due_at_once() {
+        // a replica whose clock ran ahead, or a hand edit: renew now, and
+        // again now a period later (not a period after each look)
+        let lock = holding("8s", 60, 68);
+        let renew = GrantedStep::Renew {
+            ttl: Duration::from_secs(8),
+        };
+        assert_eq!(decide(&lock, HolderState::Unbound, at(0)), renew);
+        assert_eq!(decide(&lock, HolderState::Unbound, at(2)), renew);
     }
 
     #[test]
