@@ -55,7 +55,7 @@ impl Recorder {
         Self {
             client,
             controller: controller.into(),
-            instance: instance.unwrap_or_else(|| controller.into()),
+            instance: bounded(instance.unwrap_or_else(|| controller.into()), MAX_INSTANCE),
             recent: Arc::new(Mutex::new(Recent::new(Recent::KEPT, SERIES_WINDOW))),
         }
     }
@@ -73,47 +73,82 @@ impl Recorder {
         note: String,
     ) -> Result<(), kube::Error> {
         let key = SeriesKey::new(object, type_, reason, action);
-        let now = Timestamp::now();
-        let write = self.recent().next(key.clone(), Instant::now(), || {
-            let prefix = object.name.as_deref().unwrap_or(&self.controller);
-            format!("{prefix}.{:x}", now.as_nanosecond())
-        });
         let events: Api<Event> = Api::namespaced(self.client.clone(), object.namespace.as_deref().unwrap_or("default"));
-        let result = match write {
-            Write::Create(name) => {
-                let event = Event {
-                    metadata: ObjectMeta {
-                        name: Some(name),
-                        namespace: object.namespace.clone(),
+        let note = bounded(note, MAX_NOTE);
+        // a second time only when a series' first event is gone (deleted, expired)
+        let mut once_more = true;
+        loop {
+            let now = Timestamp::now();
+            let write = self.recent().next(key.clone(), Instant::now(), || {
+                event_name(object.name.as_deref().unwrap_or(&self.controller), now.as_nanosecond())
+            });
+            let repeat = matches!(write, Write::Repeat { .. });
+            let result = match write {
+                Write::Create(name) => {
+                    let event = Event {
+                        metadata: ObjectMeta {
+                            name: Some(name),
+                            namespace: object.namespace.clone(),
+                            ..Default::default()
+                        },
+                        action: Some(action.into()),
+                        reason: Some(reason.into()),
+                        note: Some(note.clone()),
+                        type_: Some(type_.as_str().into()),
+                        event_time: Some(MicroTime(now)),
+                        regarding: Some(object.clone()),
+                        reporting_controller: Some(self.controller.clone()),
+                        reporting_instance: Some(self.instance.clone()),
                         ..Default::default()
-                    },
-                    action: Some(action.into()),
-                    reason: Some(reason.into()),
-                    note: Some(note),
-                    type_: Some(type_.as_str().into()),
-                    event_time: Some(MicroTime(now)),
-                    regarding: Some(object.clone()),
-                    reporting_controller: Some(self.controller.clone()),
-                    reporting_instance: Some(self.instance.clone()),
-                    ..Default::default()
-                };
-                events.create(&PostParams::default(), &event).await.map(drop)
+                    };
+                    events.create(&PostParams::default(), &event).await.map(drop)
+                }
+                Write::Repeat { name, count } => {
+                    // the API server keeps the first note: only the series changes
+                    let series = json!({"series": {"count": count, "lastObservedTime": MicroTime(now)}});
+                    events
+                        .patch(&name, &PatchParams::default(), &Patch::Merge(&series))
+                        .await
+                        .map(drop)
+                }
+            };
+            if let Err(e) = &result {
+                // the next one starts a new event rather than patching one that may not exist
+                self.recent().forget(&key);
+                if repeat && once_more && matches!(e, kube::Error::Api(s) if s.code == 404) {
+                    once_more = false;
+                    continue;
+                }
             }
-            Write::Repeat { name, count } => {
-                // the API server keeps the first note: only the series changes
-                let series = json!({"series": {"count": count, "lastObservedTime": MicroTime(now)}});
-                events
-                    .patch(&name, &PatchParams::default(), &Patch::Merge(&series))
-                    .await
-                    .map(drop)
-            }
-        };
-        if result.is_err() {
-            // the next one starts a new event rather than patching one that may not exist
-            self.recent().forget(&key);
+            return result;
         }
-        result
     }
+}
+
+/// The longest note the API server takes (bytes).
+const MAX_NOTE: usize = 1024;
+/// The longest object name (a DNS subdomain) and reporting instance it takes.
+const MAX_NAME: usize = 253;
+const MAX_INSTANCE: usize = 128;
+
+/// `text` cut to at most `max` bytes, on a character boundary.
+fn bounded(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut end = max;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+    }
+    text
+}
+
+/// A new event's name: the object's name (cut so the whole fits a DNS
+/// subdomain) and the time in hex.
+fn event_name(object: &str, nanos: i128) -> String {
+    let suffix = format!("{nanos:x}");
+    let stem = bounded(object.to_string(), MAX_NAME - 1 - suffix.len());
+    format!("{}.{suffix}", stem.trim_end_matches(['-', '.']))
 }
 
 /// How long after the last occurrence a repeat still joins its series (as
@@ -269,6 +304,19 @@ pub async fn placed(recorder: &Recorder, job: &ObjectReference, position: usize,
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn names_notes_and_instances_fit_what_the_api_server_takes() {
+        // a DistributedLock name may be 253 characters long
+        let long = "a".repeat(250) + "-b";
+        let name = event_name(&long, 0x1234_5678_9abc_def0);
+        assert!(name.len() <= MAX_NAME, "{} characters", name.len());
+        assert!(name.ends_with(".123456789abcdef0") && !name.contains("-."), "{name}");
+        assert_eq!(event_name("lock-1", 255), "lock-1.ff");
+        let note = bounded("é".repeat(600), MAX_NOTE);
+        assert_eq!((note.len(), note.chars().count()), (1024, 512));
+        assert_eq!(bounded("x".repeat(300), MAX_INSTANCE).len(), 128);
+    }
+
     use super::*;
 
     impl Recent {
