@@ -488,3 +488,17 @@ async fn a_lock_cycle_writes_the_request_five_times_and_tells_each_step_once() {
     assert_eq!(told("Granted").await, 1);
     assert_eq!(told("Released").await, 1);
 }
+
+#[tokio::test]
+async fn a_request_with_the_longest_name_gets_its_events() {
+    let Some(s) = Setup::new("long-name", &[]).await else {
+        return;
+    };
+    // a name of 253 characters, the most the API server allows
+    let name = format!("{}-z", "l".repeat(251));
+    s.create(&name, json!({"lockId": "long"})).await;
+    s.granted(&name).await;
+    let granted = s.event(&name, "Granted").await;
+    let event_name = granted.metadata.name.unwrap_or_default();
+    assert!(event_name.len() <= 253, "{event_name}");
+}
