@@ -132,33 +132,29 @@ fn urgency(lock: &DistributedLock) -> u8 {
 /// wait is capped (the timer queue refuses waits of years).
 const LONGEST_WAIT: Duration = Duration::from_secs(3600);
 
-/// How long after `now` a listed holder goes to the controller: just before
-/// its renewal is due (see [`super::granted::renewal_due`]), which is when
-/// the controller would have renewed it had it not restarted.
-fn hand_over_in(lock: &DistributedLock, now: DateTime<Utc>) -> Duration {
-    super::granted::renewal_due(lock, now)
-        .and_then(|due| (due - now).to_std().ok())
-        .map_or(Duration::ZERO, |wait| {
-            wait.saturating_sub(RENEWAL_LEAD).min(LONGEST_WAIT)
-        })
-}
-
 /// Holders listed with their renewal already due (it fell due while the
 /// controller was down) are handed over one every this long, not all at
 /// once: a burst of renewals (a status write each) would queue a new
 /// request's writes behind it at the API server.
 const OVERDUE_SPACING: Duration = Duration::from_millis(10);
 
-/// How long a listed holder whose renewal is due may still wait: until one
-/// more renewal period has passed, when at least half of its lease is left
-/// (a period is at most a quarter of the TTL). Never renewed: not at all.
-fn overdue_slack(lock: &DistributedLock, now: DateTime<Utc>) -> Duration {
-    let Some(due) = super::granted::renewal_due(lock, now) else {
-        return Duration::ZERO;
-    };
+/// When a listed holder goes to the controller, from `now`: just before its
+/// renewal is due (see [`super::granted::renewal_due`]), which is when the
+/// controller would have renewed it had it not restarted; and, if that is
+/// now, how much longer it may still wait (its slack): until one more renewal
+/// period has passed, when at least half of its lease is left (a period is at
+/// most a quarter of the TTL). Never renewed: at once, no slack.
+fn hand_over(lock: &DistributedLock, now: DateTime<Utc>) -> (Duration, Duration) {
     let (_, period) = super::granted::lease_plan(lock);
+    let Some(due) = super::granted::renewal_due(lock, period, now) else {
+        return (Duration::ZERO, Duration::ZERO);
+    };
+    let wait = (due - now).to_std().map_or(Duration::ZERO, |wait| {
+        wait.saturating_sub(RENEWAL_LEAD).min(LONGEST_WAIT)
+    });
     let latest = due + chrono::Duration::from_std(period).unwrap_or_default();
-    (latest - now).to_std().unwrap_or_default().min(period)
+    let slack = (latest - now).to_std().unwrap_or_default().min(period);
+    (wait, slack)
 }
 
 /// Listed holders, each waiting for its renewal to fall due (one timer per
@@ -239,10 +235,9 @@ pub async fn pace(
                 backlog.insert(at, lock);
                 return true;
             }
-            let now = Utc::now();
-            let wait = match hand_over_in(&lock, now) {
-                Duration::ZERO => holders.overdue_turn(overdue_slack(&lock, now)),
-                wait => wait,
+            let wait = match hand_over(&lock, Utc::now()) {
+                (Duration::ZERO, slack) => holders.overdue_turn(slack),
+                (wait, _) => wait,
             };
             if wait.is_zero() {
                 holders.cancel(&next);
@@ -341,12 +336,12 @@ mod tests {
         // renewed at 0 for an hour: due at 900 s; renewed at 5 s for 10 s: due at 7.5 s
         let long = granted(with_ttl(request("long", "ns", "a", 0, 1, 1), "1h"), at(0), at(3600));
         let short = granted(with_ttl(request("short", "ns", "b", 0, 1, 2), "10s"), at(5), at(15));
-        assert_eq!(hand_over_in(&short, now), Duration::from_millis(1000));
-        assert_eq!(hand_over_in(&long, now), Duration::from_millis(893_500));
+        assert_eq!(hand_over(&short, now).0, Duration::from_millis(1000));
+        assert_eq!(hand_over(&long, now).0, Duration::from_millis(893_500));
         // overdue, or never renewed: at once
-        assert_eq!(hand_over_in(&short, at(8)), Duration::ZERO);
+        assert_eq!(hand_over(&short, at(8)).0, Duration::ZERO);
         let never = with_phase(request("never", "ns", "c", 0, 1, 3), Phase::Granted, None);
-        assert_eq!(hand_over_in(&never, now), Duration::ZERO);
+        assert_eq!(hand_over(&never, now).0, Duration::ZERO);
         // a renewal recorded years ahead (a clock ahead, a hand edit) is due
         // at once, with one period of slack — not years (the timer queue
         // refuses those)
@@ -355,8 +350,8 @@ mod tests {
             at(200_000_000),
             at(200_000_010),
         );
-        assert_eq!(hand_over_in(&ahead, now), Duration::ZERO);
-        assert_eq!(overdue_slack(&ahead, now), Duration::from_millis(2500));
+        assert_eq!(hand_over(&ahead, now).0, Duration::ZERO);
+        assert_eq!(hand_over(&ahead, now).1, Duration::from_millis(2500));
     }
 
     #[test]

@@ -38,10 +38,10 @@ pub enum GrantedStep {
 /// and until then renewals are scheduled from the shorter of both, so raising
 /// `spec.ttl` never lets the current lease run out before it is renewed.
 pub fn lease_plan(lock: &DistributedLock) -> (Duration, Duration) {
-    let status = lock.status.clone().unwrap_or_default();
+    let status = lock.status.as_ref();
     let in_index = match (
-        status.renewed_at.as_deref().and_then(parse_time),
-        status.expires_at.as_deref().and_then(parse_time),
+        status.and_then(|s| s.renewed_at.as_deref()).and_then(parse_time),
+        status.and_then(|s| s.expires_at.as_deref()).and_then(parse_time),
     ) {
         (Some(renewed), Some(expires)) => (expires - renewed).to_std().ok(),
         _ => None,
@@ -56,11 +56,11 @@ pub fn lease_plan(lock: &DistributedLock) -> (Duration, Duration) {
 }
 
 /// When the next renewal of a Granted request is due: its last renewal plus
-/// the period of its lease; never renewed (or unreadable): `None`, at once. A
+/// `period`, its lease's renewal period ([`lease_plan`]); never renewed (or unreadable): `None`, at once. A
 /// renewal recorded in the future (a replica whose clock ran ahead, a hand
 /// edit of the status) makes it due at once: it is not known when the lease
 /// was last extended, and the renewal writes `renewedAt` by this clock.
-pub fn renewal_due(lock: &DistributedLock, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+pub fn renewal_due(lock: &DistributedLock, period: Duration, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
     let renewed = lock
         .status
         .as_ref()
@@ -69,7 +69,6 @@ pub fn renewal_due(lock: &DistributedLock, now: DateTime<Utc>) -> Option<DateTim
     if renewed > now {
         return Some(now);
     }
-    let (_, period) = lease_plan(lock);
     renewed.checked_add_signed(chrono::Duration::from_std(period).ok()?)
 }
 
@@ -90,8 +89,8 @@ pub fn decide(lock: &DistributedLock, holder: HolderState, now: DateTime<Utc>) -
         }
         HolderState::Running | HolderState::Unbound => {}
     }
-    let (ttl, _) = lease_plan(lock);
-    let Some(due) = renewal_due(lock, now) else {
+    let (ttl, period) = lease_plan(lock);
+    let Some(due) = renewal_due(lock, period, now) else {
         return GrantedStep::Renew { ttl };
     };
     if now < due {
