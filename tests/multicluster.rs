@@ -75,6 +75,19 @@ static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(())
 /// CRD clients 0 and 1 run in cluster A, 2 and 3 in cluster B.
 const CRD_CLIENTS_PER_CLUSTER: usize = 2;
 
+/// Brings killed services back (`testenv up`) when a test panics while they
+/// are down, so one failure does not fail the tests after it.
+struct RestoreOnPanic;
+
+impl Drop for RestoreOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            // no assert: a panic while panicking aborts the test binary
+            let _ = std::process::Command::new("testenv/testenv").arg("up").status();
+        }
+    }
+}
+
 fn in_cluster_a(client: &str) -> bool {
     client
         .strip_prefix('c')
@@ -152,12 +165,16 @@ async fn one_holder_across_two_clusters_and_one_cluster_lost() {
     history.fault("SIGKILL cluster B's operator and kube-apiserver");
     b.operator.kill();
     testenv(&["kill", "apiserver-b"]);
+    // should this test fail while B is down, the next one still finds it up
+    let _restore_b = RestoreOnPanic;
     // B's holders' leases (the clients take 3 s) run out and A goes on: A
     // grants after that
     let after_leases = lost_at + TTL_MS;
     common::eventually(
         "cluster A and the exec clients to keep granting while cluster B is down",
-        Duration::from_secs(40),
+        // 9 s typically; its CRD clients contend with 106 exec grants and
+        // look again at most every 5 s (--max-retry-interval)
+        Duration::from_secs(90),
         || async {
             (holds_since(after_leases, &cluster_a) >= 3 && holds_since(after_leases, &exec) >= 1).then_some(())
         },
