@@ -167,7 +167,6 @@ pub async fn run(args: OperatorArgs) -> Result<(), OperatorError> {
         semaphores: semaphore_store.clone(),
         semaphores_listed: Default::default(),
         permit_holders: Default::default(),
-        renewal_writes: tokio::sync::Semaphore::new(controller::RENEWAL_WRITES_IN_FLIGHT),
     });
     tracing::info!(index = %ctx.locks.index(), "operator started");
 

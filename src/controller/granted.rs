@@ -99,29 +99,6 @@ pub fn decide(lock: &DistributedLock, holder: HolderState, now: DateTime<Utc>) -
     GrantedStep::Renew { ttl }
 }
 
-/// How long a renewal's status write waits for a turn at most.
-const RENEWAL_TURN_WAIT: Duration = Duration::from_millis(250);
-
-/// Runs a renewal's status write (`write`; the lease was extended at
-/// `extended`) so that it never holds up the next extend, which this same
-/// reconcile must make: it takes a turn among the renewal writes in flight
-/// (`turns`), waiting at most [`RENEWAL_TURN_WAIT`] or a quarter of the
-/// renewal period for one (then it writes anyway), and is abandoned when the
-/// next renewal falls due (`None`: a hung or slow API server must not let a
-/// lease run out).
-pub async fn write_renewal<T>(
-    turns: &tokio::sync::Semaphore,
-    period: Duration,
-    extended: tokio::time::Instant,
-    write: impl std::future::Future<Output = T>,
-) -> Option<T> {
-    let bounded = async {
-        let _turn = tokio::time::timeout(RENEWAL_TURN_WAIT.min(period / 4), turns.acquire()).await;
-        write.await
-    };
-    tokio::time::timeout_at(extended + period, bounded).await.ok()
-}
-
 /// Reconciles a Granted request.
 pub async fn reconcile(lock: Arc<DistributedLock>, ctx: &Context, key: &str) -> Result<Action> {
     let holder = holder::fetch(&ctx.client, &lock).await?;
@@ -137,29 +114,14 @@ async fn renew(lock: Arc<DistributedLock>, ctx: &Context, key: &str, ttl: Durati
     let token = status.token.clone().unwrap_or_default();
     let fencing = status.fencing_token.and_then(|f| u64::try_from(f).ok());
     let now = Utc::now();
-    let extending = tokio::time::Instant::now();
     let outcome = ctx
         .engine("extend", &lock, ctx.locks.extend_lease(key, &token, ttl, fencing))
         .await?;
     let (phase, reason, message) = match outcome {
         ExtendOutcome::Extended => {
             let expires = now + chrono::Duration::from_std(ttl).unwrap_or_default();
-            let period = renew_period(ttl);
-            // not noted as our last write (Context::write_status): a copy
-            // from before it must still renew when its next renewal is due,
-            // however late the watch brings this write
-            let write = status::write(&ctx.client, &lock, status::renewed(&lock, now, expires));
-            match write_renewal(&ctx.renewal_writes, period, extending, write).await {
-                Some(written) => {
-                    written?;
-                }
-                None => tracing::warn!(
-                    name = %lock.name_any(),
-                    namespace = %lock.namespace().unwrap_or_default(),
-                    "the status write of a renewal took the whole renewal period; renewing again (the status shows the previous renewal)"
-                ),
-            }
-            return Ok(Action::requeue(period.saturating_sub(extending.elapsed())));
+            status::write(&ctx.client, &lock, status::renewed(&lock, now, expires)).await?;
+            return Ok(Action::requeue(renew_period(ttl)));
         }
         // by the search engine's clock: a lease that ran out is over, even if
         // nobody took the lock meanwhile; the next waiter is served
@@ -284,39 +246,5 @@ mod tests {
                 ..
             }
         ));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_hung_renewal_write_is_given_up_when_the_next_renewal_falls_due() {
-        let turns = tokio::sync::Semaphore::new(4);
-        let period = Duration::from_millis(7500);
-        let extended = tokio::time::Instant::now();
-        let written = write_renewal(&turns, period, extended, std::future::pending::<()>()).await;
-        assert_eq!(written, None);
-        assert_eq!(
-            extended.elapsed(),
-            period,
-            "given up exactly when the next extend is due"
-        );
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn renewal_writes_take_turns_but_never_wait_long_for_one() {
-        let turns = tokio::sync::Semaphore::new(1);
-        let period = Duration::from_millis(7500);
-        let now = tokio::time::Instant::now();
-        // a turn is free: written at once, and the turn is held while writing
-        let observed = write_renewal(&turns, period, now, async { turns.available_permits() }).await;
-        assert_eq!(observed, Some(0));
-        assert_eq!(now.elapsed(), Duration::ZERO);
-        // every turn taken (by writes stuck at a slow API server): written anyway after 250 ms
-        let _stuck = turns.acquire().await.unwrap();
-        assert_eq!(write_renewal(&turns, period, now, async { 1 }).await, Some(1));
-        assert_eq!(now.elapsed(), RENEWAL_TURN_WAIT);
-        // a short lease waits at most a quarter of its period
-        let short = tokio::time::Instant::now();
-        let period = Duration::from_millis(100);
-        assert_eq!(write_renewal(&turns, period, short, async { 2 }).await, Some(2));
-        assert_eq!(short.elapsed(), Duration::from_millis(25));
     }
 }

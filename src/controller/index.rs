@@ -47,9 +47,9 @@ pub struct QueueIndex {
     moved_at: RecentByKey,
     /// Waiters (by UID) whose new place is not written yet, since when.
     place_deferred: Mutex<HashMap<String, Instant>>,
-    /// Requests (by UID) this controller wrote to lately, with the
-    /// resourceVersion of its last write, until the cache shows it.
-    written_rv: Mutex<HashMap<String, u64>>,
+    /// Requests (by UID) this controller wrote Granted, with the
+    /// resourceVersion of that write, until the cache shows it.
+    granted_rv: Mutex<HashMap<String, u64>>,
     /// When each key was last granted here.
     granted_at: RecentByKey,
     /// Told of every grant.
@@ -124,9 +124,9 @@ impl QueueIndex {
     /// `live`: delivered by the watch as it happened, not by a (re)list.
     fn file(&self, lock: &DistributedLock, live: bool) {
         if let (Some(uid), Some(rv)) = (lock.uid(), resource_version(lock)) {
-            let mut written = locked(&self.written_rv);
-            if written.get(&uid).is_some_and(|last| rv >= *last) {
-                written.remove(&uid);
+            let mut granted = locked(&self.granted_rv);
+            if granted.get(&uid).is_some_and(|written| rv >= *written) {
+                granted.remove(&uid);
             }
         }
         // a listed version that already carries our finalizer may be of a
@@ -159,7 +159,7 @@ impl QueueIndex {
             locked(&self.first_seen).remove(&uid);
             locked(&self.released_uids).remove(&uid);
             locked(&self.place_deferred).remove(&uid);
-            locked(&self.written_rv).remove(&uid);
+            locked(&self.granted_rv).remove(&uid);
         }
         remove_filing(&mut locked(&self.entries), &ObjectRef::from_obj(lock));
     }
@@ -251,28 +251,19 @@ impl QueueIndex {
         self.moved_at.mark(&key);
         self.granted_at.mark(&key);
         self.grants.notify_waiters();
-        self.wrote(lock, rv.as_deref());
-    }
-
-    /// Notes that this controller's write to `lock` made resourceVersion `rv`.
-    pub fn wrote(&self, lock: &DistributedLock, rv: Option<&str>) {
-        if let (Some(uid), Some(rv)) = (lock.uid(), rv.and_then(|rv| rv.parse::<u64>().ok())) {
-            let mut written = locked(&self.written_rv);
-            let last = written.entry(uid).or_insert(rv);
-            *last = (*last).max(rv);
+        if let (Some(uid), Some(rv)) = (lock.uid(), rv.and_then(|rv| rv.parse().ok())) {
+            locked(&self.granted_rv).insert(uid, rv);
         }
     }
 
-    /// True when the cache still shows a copy older than this controller's
-    /// last write to the request: deciding on it would redo what that write
-    /// did (acquire again, add the finalizer again and be refused, write a
-    /// status that is refused as stale); the newer copy is on its way and
-    /// triggers the next reconcile.
-    pub fn behind_own_write(&self, lock: &DistributedLock) -> bool {
+    /// True when the cache still shows a copy older than the Granted status
+    /// this controller wrote: deciding on it would acquire again (the newer
+    /// copy is on its way and triggers the next reconcile).
+    pub fn behind_own_grant(&self, lock: &DistributedLock) -> bool {
         let (Some(uid), Some(rv)) = (lock.uid(), resource_version(lock)) else {
             return false;
         };
-        locked(&self.written_rv).get(&uid).is_some_and(|last| rv < *last)
+        locked(&self.granted_rv).get(&uid).is_some_and(|written| rv < *written)
     }
 
     /// Notes that this controller released `lock`'s grant of `key` just now.
@@ -364,32 +355,6 @@ mod tests {
         let listed = QueueIndex::default();
         listed.observe(&watcher::Event::InitApply(preset.clone()));
         assert_eq!(listed.first_seen(&preset), None);
-    }
-
-    #[test]
-    fn copies_from_before_our_last_write_are_behind_until_the_cache_shows_it() {
-        let index = QueueIndex::default();
-        let created = request("a", "ns", "k", 0, 1, 10);
-        index.observe(&watcher::Event::Apply(created.clone()));
-        assert!(!index.behind_own_write(&created), "nothing written yet");
-        // arrival recorded (11), then the finalizer (12): 10 and 11 are behind
-        index.wrote(&created, Some("11"));
-        index.wrote(&created, Some("12"));
-        index.wrote(&created, Some("not a number"));
-        let arrived = request("a", "ns", "k", 0, 1, 11);
-        assert!(index.behind_own_write(&created));
-        assert!(index.behind_own_write(&arrived));
-        // a write answered out of order never moves the mark back
-        index.wrote(&created, Some("11"));
-        let finalized = request("a", "ns", "k", 0, 1, 12);
-        assert!(!index.behind_own_write(&finalized));
-        // once the cache shows it, nothing is behind any more (a relisted
-        // older copy — it cannot be — would be decided on again)
-        index.observe(&watcher::Event::Apply(finalized));
-        assert!(!index.behind_own_write(&arrived));
-        // another request is not affected
-        index.wrote(&created, Some("20"));
-        assert!(!index.behind_own_write(&request("b", "ns", "k", 0, 1, 13)));
     }
 
     #[test]

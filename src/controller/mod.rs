@@ -66,21 +66,7 @@ pub struct Context {
     /// Each semaphore key as the lock index last showed it (holders outside
     /// this cluster included).
     pub permit_holders: Mutex<std::collections::HashMap<String, crate::lock::Semaphore>>,
-    /// Status writes of renewals, [`RENEWAL_WRITES_IN_FLIGHT`] at a time.
-    pub renewal_writes: tokio::sync::Semaphore,
 }
-
-/// How soon a reconcile skipped for a copy older than our own last write
-/// ([`index::QueueIndex::behind_own_write`]) looks again if the watch has not
-/// brought the newer copy by then (which triggers it at once).
-const BEHIND_OWN_WRITE_RETRY: Duration = Duration::from_millis(100);
-
-/// A renewal's status write (renewedAt, expiresAt) is news, not safety: the
-/// lease is extended in the lock index before it. After a restart hundreds of
-/// them fall due at once; this many at a time keeps a new request's writes
-/// from queueing behind them at the API server (see
-/// [`granted::write_renewal`] for the bounds on the wait).
-pub const RENEWAL_WRITES_IN_FLIGHT: usize = 4;
 
 impl Context {
     /// Runs one lock index call: times it, counts failures, and keeps the
@@ -148,18 +134,6 @@ impl Context {
                 Err(Error::Lock(e))
             }
         }
-    }
-
-    /// Writes `lock`'s status ([`status::write`]) and notes the write, so
-    /// that copies from before it are not decided on again.
-    pub async fn write_status(
-        &self,
-        lock: &DistributedLock,
-        next: crate::crd::DistributedLockStatus,
-    ) -> Result<Option<String>> {
-        let written = status::write(&self.client, lock, next).await?;
-        self.index.wrote(lock, written.as_deref());
-        Ok(written)
     }
 
     /// Runs one lock index call, timing it and counting its failure.
@@ -354,11 +328,9 @@ pub async fn reconcile(lock: Arc<DistributedLock>, ctx: Arc<Context>) -> Result<
     let namespace = lock
         .namespace()
         .ok_or_else(|| Error::Invalid("DistributedLock without a namespace".into()))?;
-    // a copy from before our own last write: the newer one is on its way
-    // (and should the watch be slow to bring it, a timer that fired on this
-    // copy — a poll, a deadline — is not lost: look again soon)
-    if ctx.index.behind_own_write(&lock) {
-        return Ok(Action::requeue(BEHIND_OWN_WRITE_RETRY));
+    // a copy from before our own Granted write: the newer one is on its way
+    if ctx.index.behind_own_grant(&lock) {
+        return Ok(Action::await_change());
     }
     let api: Api<DistributedLock> = Api::namespaced(ctx.client.clone(), &namespace);
     if lock.metadata.deletion_timestamp.is_none() && !lock.finalizers().iter().any(|f| f == FINALIZER) {
@@ -395,14 +367,14 @@ async fn arrive(api: &Api<raw::RawRequest>, lock: &DistributedLock, ctx: &Contex
     let version = if queue::Arrival::recorded(lock).is_some() || alone_on_its_key(lock, ctx) {
         lock.resource_version()
     } else {
-        match ctx.write_status(lock, status::arrived(lock, &ctx.arrival(lock))).await {
+        match status::write(&ctx.client, lock, status::arrived(lock, &ctx.arrival(lock))).await {
             Ok(version) => version,
             // a newer copy is on its way and triggers the next reconcile
             Err(Error::Stale) => return Ok(Action::await_change()),
             Err(e) => return Err(e),
         }
     };
-    add_finalizer(api, lock, version, ctx).await
+    add_finalizer(api, lock, version).await
 }
 
 /// No other live request of this cluster uses `lock`'s key, and no
@@ -422,12 +394,7 @@ fn alone_on_its_key(lock: &DistributedLock, ctx: &Context) -> bool {
 /// Adds the release finalizer in one compare-and-swap write (at `version`,
 /// the resourceVersion of our copy), so a stale copy never overwrites
 /// someone's finalizers.
-async fn add_finalizer(
-    api: &Api<raw::RawRequest>,
-    lock: &DistributedLock,
-    version: Option<String>,
-    ctx: &Context,
-) -> Result<Action> {
+async fn add_finalizer(api: &Api<raw::RawRequest>, lock: &DistributedLock, version: Option<String>) -> Result<Action> {
     let mut finalizers = lock.finalizers().to_vec();
     finalizers.push(FINALIZER.to_string());
     let patch = Patch::Merge(json!({
@@ -435,10 +402,7 @@ async fn add_finalizer(
     }));
     match api.patch(&lock.name_any(), &PatchParams::default(), &patch).await {
         // The write itself triggers the next reconcile.
-        Ok(written) => {
-            ctx.index.wrote(lock, written.metadata.resource_version.as_deref());
-            Ok(Action::await_change())
-        }
+        Ok(_) => Ok(Action::await_change()),
         // We acted on a stale copy: the newer one is on its way and triggers
         // the next reconcile, so there is nothing to retry.
         Err(kube::Error::Api(s)) if s.code == 409 => Ok(Action::await_change()),
@@ -554,8 +518,7 @@ pub async fn finish(
         }
         _ => {}
     }
-    ctx.write_status(lock, status::finished(lock, phase, reason, message))
-        .await?;
+    status::write(&ctx.client, lock, status::finished(lock, phase, reason, message)).await?;
     wake_queue(ctx, &key, None, true);
     Ok(Action::await_change())
 }
