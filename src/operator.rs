@@ -242,10 +242,18 @@ pub async fn run(args: OperatorArgs) -> Result<(), OperatorError> {
         .reflect_shared(semaphore_writer)
         .inspect_ok({
             let ctx = ctx.clone();
-            move |event| {
-                if matches!(event, watcher::Event::InitDone) {
-                    ctx.semaphores_listed.store(true, Ordering::Relaxed);
+            move |event| match event {
+                watcher::Event::InitDone => ctx.semaphores_listed.store(true, Ordering::Relaxed),
+                // shared streams carry no deletions: a Semaphore gone (its
+                // store entry already removed) turns its key back into a
+                // mutex, so its waiters are decided on again now, not at
+                // their next retry
+                watcher::Event::Delete(semaphore) => {
+                    for request in ctx.index.of_key(&controller::semaphores::key_of(semaphore)) {
+                        let _ = ctx.wake.send(request);
+                    }
                 }
+                _ => {}
             }
         })
         .for_each(|_| futures::future::ready(()));
