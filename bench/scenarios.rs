@@ -114,13 +114,16 @@ impl Observer {
             while let Some(event) = events.next().await {
                 let Ok(event) = event else { continue };
                 if let watcher::Event::Apply(lock) | watcher::Event::InitApply(lock) = event {
+                    let key = format!("{}/{}", lock.namespace().unwrap_or_default(), lock.name_any());
                     if lock.finalizers().iter().any(|f| f == kube_lock_manager::crd::FINALIZER) {
-                        let key = format!("{}/{}", lock.namespace().unwrap_or_default(), lock.name_any());
-                        seen.finalized.lock().unwrap().entry(key).or_insert_with(Instant::now);
+                        seen.finalized
+                            .lock()
+                            .unwrap()
+                            .entry(key.clone())
+                            .or_insert_with(Instant::now);
                     }
                     let granted = lock.status.as_ref().and_then(|s| s.phase) == Some(Phase::Granted);
                     if granted {
-                        let key = format!("{}/{}", lock.namespace().unwrap_or_default(), lock.name_any());
                         seen.granted_wall
                             .lock()
                             .unwrap()
@@ -1028,6 +1031,7 @@ impl Bench {
         }
         let settled = started.elapsed();
         let creation_writes = writes_since(&writes_at_start, &self.api_writes().await);
+        let created_requests = total + free; // (the settled-grant samples so far included)
         let at_total = self.grants_on_free_ids(&api, &ns, &mut free, self.n(30, 10)).await;
         rows.push(latency_row(
             &format!("scale: grant latency at {total} objects"),
@@ -1117,11 +1121,10 @@ impl Bench {
             ),
             value_row(
                 &format!("scale: API writes per request from the first create until all {total} settled"),
-                creation_writes.iter().map(|(_, d)| d).sum::<f64>() / (total + free) as f64,
+                creation_writes.iter().map(|(_, d)| d).sum::<f64>() / created_requests as f64,
                 "writes",
                 &format!(
-                    "apiserver_request_total over {} requests (incl. the settled-grant samples): {}",
-                    total + free,
+                    "apiserver_request_total over {created_requests} requests (incl. the settled-grant samples): {}",
                     list_writes(&creation_writes)
                 ),
             ),
