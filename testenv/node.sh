@@ -278,10 +278,12 @@ failCgroupV1: false
 makeIPTablesUtilChains: false
 resolvConf: ""
 volumePluginDir: $node_dir/volume-plugins
-# never garbage-collect the imported images (they cannot be pulled) nor evict on a full disk
+# never garbage-collect the imported images (they cannot be pulled) nor evict on a full disk:
+# absolute floors, not percentages (1% of a 252 GB volume is 2.5 GB — a CI build on a nearly
+# full disk tainted the node with DiskPressure and its Pods stayed Pending)
 imageGCHighThresholdPercent: 100
 imageGCLowThresholdPercent: 99
-evictionHard: {memory.available: "50Mi", nodefs.available: "1%", nodefs.inodesFree: "1%", imagefs.available: "1%"}
+evictionHard: {memory.available: "50Mi", nodefs.available: "100Mi", nodefs.inodesFree: "1%", imagefs.available: "100Mi"}
 serializeImagePulls: false
 EOF
   log "starting kubelet $K8S_VERSION as node $node_name ($node_ip), API on 127.0.0.1:$kubelet_port"

@@ -74,7 +74,7 @@ wait_until "the host-network operator Pod gone" jsonpath_is "" pods '{.items[*].
 step "two replicas on the Pod network (API server and search node through the loopback relay)"
 relay_dir="$KLM_RUN_DIR/e2e-relay-$$"
 cleanup_hooks+=("tests/e2e-relay.sh stop '$relay_dir'")
-tests/e2e-relay.sh start "$relay_dir" "api=$api_port" "es=$KLM_ES_PORT"
+tests/e2e-relay.sh start "$relay_dir" "api=$api_port" "es=$es_port"
 socat_image="$(tests/e2e-relay.sh image)"
 cat >"$work/relay-values.yaml" <<YAML
 replicaCount: 2
@@ -83,7 +83,7 @@ extraVolumes:
     hostPath: {path: "$relay_dir", type: Directory}
 # native sidecars (started before the operator, stopped after it)
 extraInitContainers:
-$(for np in "api=$api_port" "es=$KLM_ES_PORT"; do cat <<ONE
+$(for np in "api=$api_port" "es=$es_port"; do cat <<ONE
   - name: relay-${np%%=*}
     image: $socat_image
     imagePullPolicy: Never

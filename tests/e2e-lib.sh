@@ -10,7 +10,8 @@
 # shellcheck source=tests/node-lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/node-lib.sh"
 timeout="${KLM_E2E_TIMEOUT:-120}"
-es_url="http://127.0.0.1:$KLM_ES_PORT"
+es_url="$ELASTICSEARCH_URL" # from `testenv env` (node-lib.sh)
+es_port="${es_url##*:}"
 helm="$(testenv/build-helm.sh)" || fail "cannot build or find helm (testenv/build-helm.sh)"
 chart=charts/kube-lock-manager
 crd_name=distributedlocks.lockmanager.dev

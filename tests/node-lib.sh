@@ -6,7 +6,22 @@
 # shellcheck shell=bash
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-fail() { echo "FAIL: $*" >&2; exit 1; }
+fail() {
+  echo "FAIL: $*" >&2
+  diagnose >&2 || true
+  exit 1
+}
+# What a failed wait leaves to read: the node's conditions (DiskPressure taints it), the
+# test namespace's Pods and its latest events, and the disk the node's kubelet sees.
+diagnose() {
+  echo "--- diagnosis: node conditions"
+  kc get nodes -o 'jsonpath={range .items[*]}{.metadata.name}: {range .status.conditions[*]}{.type}={.status} {end}{" taints:"}{.spec.taints[*].key}{"\n"}{end}'
+  [[ -n "${ns:-}" ]] || return 0
+  echo "--- diagnosis: Pods and events in $ns"
+  kc -n "$ns" get pods -o wide
+  kc -n "$ns" get events --sort-by=.lastTimestamp | tail -n 15
+  df -h "${KLM_RUN_DIR:-$HOME}" | tail -n 1
+}
 step() { echo "--- $*"; }
 kc() { kubectl --request-timeout=30s "$@"; }
 
