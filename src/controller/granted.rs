@@ -1,7 +1,7 @@
 //! A Granted request: decide (release, renew, or not yet), then act.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use kube::runtime::controller::Action;
@@ -101,7 +101,12 @@ pub fn decide(lock: &DistributedLock, holder: HolderState, now: DateTime<Utc>) -
 
 /// Reconciles a Granted request.
 pub async fn reconcile(lock: Arc<DistributedLock>, ctx: &Context, key: &str) -> Result<Action> {
-    let holder = holder::fetch(&ctx.client, &lock).await?;
+    // Half a renewal period to read the holder: the renewal after it still
+    // comes long before the lease runs out. Unread, it is taken to still run.
+    let (_, period) = lease_plan(&lock);
+    let holder = holder::within(period / 2, &lock, holder::fetch(&ctx.client, &lock))
+        .await
+        .unwrap_or(HolderState::Running);
     match decide(&lock, holder, Utc::now()) {
         GrantedStep::Release { reason, message } => super::finish(&lock, ctx, Phase::Released, reason, message).await,
         GrantedStep::NotDue(wait) => Ok(Action::requeue(wait)),
@@ -114,14 +119,21 @@ async fn renew(lock: Arc<DistributedLock>, ctx: &Context, key: &str, ttl: Durati
     let token = status.token.clone().unwrap_or_default();
     let fencing = status.fencing_token.and_then(|f| u64::try_from(f).ok());
     let now = Utc::now();
+    let started = Instant::now();
     let outcome = ctx
         .engine("extend", &lock, ctx.locks.extend_lease(key, &token, ttl, fencing))
         .await?;
     let (phase, reason, message) = match outcome {
         ExtendOutcome::Extended => {
+            // The next renewal is due a period after this one began, whatever
+            // the API server does meanwhile: the status write that records
+            // this renewal gets the time left until then, and one that has
+            // not returned by then is given up (the next renewal extends
+            // again and records itself).
+            let next = started + renew_period(ttl);
             let expires = now + chrono::Duration::from_std(ttl).unwrap_or_default();
-            status::write(&ctx.client, &lock, status::renewed(&lock, now, expires)).await?;
-            return Ok(Action::requeue(renew_period(ttl)));
+            status::write_by(&ctx.client, &lock, status::renewed(&lock, now, expires), next).await?;
+            return Ok(Action::requeue(next.saturating_duration_since(Instant::now())));
         }
         // by the search engine's clock: a lease that ran out is over, even if
         // nobody took the lock meanwhile; the next waiter is served

@@ -76,6 +76,24 @@ pub async fn fetch(client: &kube::Client, lock: &DistributedLock) -> Result<Hold
     })
 }
 
+/// `read` (of a holder, for a request holding a lease), given at most
+/// `budget`: `None`, logged, when the API server does not answer in time or
+/// answers with an error. The caller then keeps the lease renewed rather than
+/// let it lapse under a workload that may still be using it.
+pub async fn within<T>(
+    budget: std::time::Duration,
+    lock: &DistributedLock,
+    read: impl std::future::Future<Output = Result<T>>,
+) -> Option<T> {
+    let failure = match tokio::time::timeout(budget, read).await {
+        Ok(Ok(value)) => return Some(value),
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => format!("no answer from the API server within {budget:?}"),
+    };
+    tracing::warn!(name = %lock.name_any(), error = %failure, "cannot read the holder; keeping its lease renewed");
+    None
+}
+
 /// True when the Job a gated request was made for is gone or being deleted.
 pub async fn gating_job_going(client: &kube::Client, lock: &DistributedLock) -> Result<bool> {
     let Some(holder) = lock.spec.holder_ref.as_ref().filter(|h| h.kind == HolderKind::Job) else {

@@ -434,11 +434,7 @@ async fn cleanup(lock: Arc<DistributedLock>, ctx: &Context) -> Result<Action> {
     // the Job's Pods may still run through their grace period, so the lock is
     // kept — and renewed — until they are gone. (Deleting the request itself,
     // while its Job stays, releases at once: that is how a lock is forced free.)
-    if queue::phase(&lock) == Phase::Granted
-        && holder::owned_by_holder(&lock)
-        && holder::gating_job_going(&ctx.client, &lock).await?
-        && holder::fetch(&ctx.client, &lock).await? == holder::HolderState::Running
-    {
+    if queue::phase(&lock) == Phase::Granted && holder::owned_by_holder(&lock) && pods_may_run(&lock, ctx).await {
         // renew if due, then keep the finalizer: cleanup is not done
         granted::reconcile(lock, ctx, &key).await?;
         return Err(Error::HolderStillRunning);
@@ -455,6 +451,18 @@ async fn cleanup(lock: Arc<DistributedLock>, ctx: &Context) -> Result<Action> {
     }
     wake_queue(ctx, &key, None, true);
     Ok(Action::await_change())
+}
+
+/// A deleted gated request's Job is going and its Pods may still run: asked
+/// of the API server within half a renewal period, as a Granted request's
+/// holder is ([`granted::reconcile`]); no answer keeps the lock.
+async fn pods_may_run(lock: &DistributedLock, ctx: &Context) -> bool {
+    let (_, period) = granted::lease_plan(lock);
+    let read = async {
+        Ok(holder::gating_job_going(&ctx.client, lock).await?
+            && holder::fetch(&ctx.client, lock).await? == holder::HolderState::Running)
+    };
+    holder::within(period / 2, lock, read).await.unwrap_or(true)
 }
 
 /// How long a deleted holder's own last writes wait for its successor's grant.

@@ -1,7 +1,7 @@
 //! A Pending request: decide (fail, wait, give up, or acquire), then act.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use kube::ResourceExt;
@@ -484,6 +484,7 @@ async fn acquire(lock: Arc<DistributedLock>, ctx: &Context, key: &str, ask: Ask)
         fencing_token: None,
     };
     let kind = if permits.is_some() { "semaphore" } else { "mutex" };
+    let started = Instant::now();
     let grant = match permits {
         None => match ctx.engine("acquire", &lock, ctx.locks.try_acquire(&request)).await {
             Ok(Some(grant)) => grant,
@@ -526,8 +527,15 @@ async fn acquire(lock: Arc<DistributedLock>, ctx: &Context, key: &str, ask: Ask)
     // leave a told holder without its lock. The next reconcile decides on the
     // fresh copy: Granted renews it, the head re-acquires it (same token), and
     // a waiter that is no longer the head gives it back once the API server
-    // confirms nobody was told (give_back_untold_grant).
-    let written = status::write(&ctx.client, &lock, next).await?;
+    // confirms nobody was told (give_back_untold_grant). A write the API
+    // server has not answered when the new lease is due for renewal is given
+    // up the same way: the next reconcile re-acquires (same token: the lease
+    // is extended) and writes again.
+    let renewal = started + renew_period(ttl);
+    let written = match status::write_by(&ctx.client, &lock, next, renewal).await? {
+        status::Written::At(version) => version,
+        status::Written::GivenUp => return Ok(Action::requeue(Duration::ZERO)),
+    };
     ctx.index.place_written(&lock);
     ctx.index.wrote_grant(&lock, written);
     ctx.metrics.granted(kind);
@@ -542,9 +550,12 @@ async fn acquire(lock: Arc<DistributedLock>, ctx: &Context, key: &str, ask: Ask)
     if let Some(released) = ctx.index.take_released_at(key) {
         ctx.metrics.handoff_seconds.observe(released.elapsed().as_secs_f64());
     }
+    // the event is not waited for: an API server that stops answering right
+    // after the grant's write must not hold up the lease's first renewal
     let note = format!("lock {key} granted with fencing token {}", grant.fencing_token);
-    super::events::normal(&ctx.recorder, &super::object_ref(&lock), "Granted", note).await;
-    Ok(Action::requeue(renew_period(ttl)))
+    let (recorder, object) = (ctx.recorder.clone(), super::object_ref(&lock));
+    tokio::spawn(async move { super::events::normal(&recorder, &object, "Granted", note).await });
+    Ok(Action::requeue(renewal.saturating_duration_since(Instant::now())))
 }
 
 /// True when this cluster's holder of `key` is on its way out (its request

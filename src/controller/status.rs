@@ -280,6 +280,36 @@ pub async fn write(
     }
 }
 
+/// What [`write_by`] did.
+#[derive(Debug)]
+pub enum Written {
+    /// Written: the request's resourceVersion after the write.
+    At(Option<String>),
+    /// No answer from the API server by the deadline: the write was given up
+    /// (it may still land; it carries the resourceVersion it was decided on).
+    GivenUp,
+}
+
+/// [`write`], given up at `deadline`. A status that records a lease (a grant,
+/// a renewal) is written within the lease's renewal period: an API server
+/// that hangs must not hold up the lease's next extension, which a reconcile
+/// does only once the previous one returned.
+pub async fn write_by(
+    client: &kube::Client,
+    lock: &DistributedLock,
+    next: DistributedLockStatus,
+    deadline: std::time::Instant,
+) -> Result<Written> {
+    let left = deadline.saturating_duration_since(std::time::Instant::now());
+    match tokio::time::timeout(left, write(client, lock, next)).await {
+        Ok(written) => written.map(Written::At),
+        Err(_) => {
+            tracing::warn!(name = %lock.name_any(), "the API server did not take a lease's status in time; renewing again");
+            Ok(Written::GivenUp)
+        }
+    }
+}
+
 pub use crate::duration::format_time as rfc3339;
 
 pub use crate::queue::parse_time;
