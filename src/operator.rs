@@ -89,7 +89,7 @@ pub enum OperatorError {
 
 /// How long in-flight reconciles may take after SIGTERM before the process ends anyway.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
-/// Buffer of each shared watch stream (per subscriber).
+/// Objects a consumer of a watch's fan-out may be behind (controller::watch::fan_out).
 const SHARED_STREAM_BUFFER: usize = 1024;
 
 /// Runs the controllers until SIGTERM/SIGINT.
@@ -146,9 +146,9 @@ pub async fn run(args: OperatorArgs) -> Result<(), OperatorError> {
 
     let recorder = controller::events::Recorder::new(client.clone(), FIELD_MANAGER, std::env::var("POD_NAME").ok());
     let index = Arc::new(QueueIndex::default());
-    let (lock_store, lock_writer) = reflector::store_shared::<DistributedLock>(SHARED_STREAM_BUFFER);
-    let (job_store, job_writer) = reflector::store_shared::<Job>(SHARED_STREAM_BUFFER);
-    let (semaphore_store, semaphore_writer) = reflector::store_shared::<Semaphore>(SHARED_STREAM_BUFFER);
+    let (lock_store, lock_writer) = reflector::store::<DistributedLock>();
+    let (job_store, job_writer) = reflector::store::<Job>();
+    let (semaphore_store, semaphore_writer) = reflector::store::<Semaphore>();
     let (wake, woken) = mpsc::unbounded_channel();
     let ctx = Arc::new(Context {
         client: client.clone(),
@@ -185,66 +185,55 @@ pub async fn run(args: OperatorArgs) -> Result<(), OperatorError> {
         metrics.clone(),
     ));
 
-    // One watch per kind, shared by both controllers.
-    let subscribe = "a shared store can be subscribed to";
-    let (locks_for_controller, locks_for_gate, locks_for_semaphores) = (
-        lock_writer.subscribe().expect(subscribe),
-        lock_writer.subscribe().expect(subscribe),
-        lock_writer.subscribe().expect(subscribe),
-    );
-    let (semaphores_for_locks, semaphores_for_controller) = (
-        semaphore_writer.subscribe().expect(subscribe),
-        semaphore_writer.subscribe().expect(subscribe),
-    );
-    let (jobs_for_controller, jobs_for_gate) = (
-        job_writer.subscribe().expect(subscribe),
-        job_writer.subscribe().expect(subscribe),
-    );
+    // One watch per kind, fanned out to the controllers (controller::watch::fan_out).
     let synced = readiness.clone();
     let lock_index = index.clone();
     let first_pass = Arc::new(controller::first_pass::FirstPass::default());
     let listed = first_pass.clone();
     let (departed, departures) = mpsc::unbounded_channel();
-    let lock_root = controller::watch::requests(client.clone(), lock_watch, bad_objects)
-        .inspect_ok(move |event| {
-            lock_index.observe(event);
-            listed.observe(event);
-            // gone from this operator's view: deleted, or no longer selected
-            if let watcher::Event::Delete(lock) = event {
-                let _ = departed.send(lock.clone());
-            }
-            if matches!(event, watcher::Event::InitDone) && !synced.synced.swap(true, Ordering::Relaxed) {
-                tracing::info!("DistributedLock watcher synced");
-            }
-        })
-        .reflect_shared(lock_writer)
-        .for_each(|_| futures::future::ready(()));
+    let lock_events = controller::watch::requests(client.clone(), lock_watch, bad_objects).inspect_ok(move |event| {
+        lock_index.observe(event);
+        listed.observe(event);
+        // gone from this operator's view: deleted, or no longer selected
+        if let watcher::Event::Delete(lock) = event {
+            let _ = departed.send(lock.clone());
+        }
+        if matches!(event, watcher::Event::InitDone) && !synced.synced.swap(true, Ordering::Relaxed) {
+            tracing::info!("DistributedLock watcher synced");
+        }
+    });
+    let (lock_events, [locks_for_controller, locks_for_gate, locks_for_semaphores]) =
+        controller::watch::fan_out(lock_events, lock_writer, SHARED_STREAM_BUFFER);
+    let lock_root = lock_events.for_each(|_| futures::future::ready(()));
     let (job_index, job_gone) = (index.clone(), ctx.wake.clone());
-    let job_root = watcher::watcher(Api::<Job>::all(client.clone()), job_watch)
+    let job_events = watcher::watcher(Api::<Job>::all(client.clone()), job_watch)
         .default_backoff()
         .modify(|job| job.managed_fields_mut().clear())
         .inspect_ok(move |event| {
             job_index.observe_job(event);
-            // shared streams carry no deletions: wake the requests a deleted Job held
+            // the fan-out carries no deletions: wake the requests a deleted Job held
             if let watcher::Event::Delete(job) = event {
                 let holder = (job.namespace().unwrap_or_default(), HolderKind::Job, job.name_any());
                 for request in job_index.held_by(&holder) {
                     let _ = job_gone.send(request);
                 }
             }
-        })
-        .reflect_shared(job_writer)
-        .for_each(|_| futures::future::ready(()));
+        });
+    let (job_events, [jobs_for_controller, jobs_for_gate]) =
+        controller::watch::fan_out(job_events, job_writer, SHARED_STREAM_BUFFER);
+    let job_root = job_events.for_each(|_| futures::future::ready(()));
 
-    let semaphore_root = watcher::watcher(Api::<Semaphore>::all(client.clone()), semaphore_watch)
+    let semaphore_events = watcher::watcher(Api::<Semaphore>::all(client.clone()), semaphore_watch)
         .default_backoff()
-        .modify(|semaphore| semaphore.managed_fields_mut().clear())
-        .reflect_shared(semaphore_writer)
+        .modify(|semaphore| semaphore.managed_fields_mut().clear());
+    let (semaphore_events, [semaphores_for_locks, semaphores_for_controller]) =
+        controller::watch::fan_out(semaphore_events, semaphore_writer, SHARED_STREAM_BUFFER);
+    let semaphore_root = semaphore_events
         .inspect_ok({
             let ctx = ctx.clone();
             move |event| match event {
                 watcher::Event::InitDone => ctx.semaphores_listed.store(true, Ordering::Relaxed),
-                // shared streams carry no deletions: a Semaphore gone (its
+                // the fan-out carries no deletions: a Semaphore gone (its
                 // store entry already removed) turns its key back into a
                 // mutex, so its waiters are decided on again now, not at
                 // their next retry

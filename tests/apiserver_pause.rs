@@ -6,7 +6,8 @@
 //! The same for a waiter granted during the pause (its Granted write hangs):
 //! its new lease is kept until the write lands.
 //! Once the API server answers again, the operator takes on new requests at
-//! once, also after churn with short leases through the pause.
+//! once, also after churn with short leases (CRD and `lockctl exec` clients)
+//! through the pause.
 //!
 //! Pauses the shared API server: alone in its test binary.
 
@@ -35,14 +36,19 @@ impl Drop for ResumeOnDrop {
     }
 }
 
-/// Requests on `lock_id` with 1 s leases, one after another, each deleted
-/// soon after its grant (or after 5 s without one); API errors are retried.
-async fn churn(t: Arc<Setup>, client: usize, lock_id: &'static str, stop: Arc<AtomicBool>) {
+/// Requests on `lock_id` (scope Cluster) with 1 s leases, one after
+/// another, each deleted soon after its grant (or after 5 s without one); API
+/// errors are retried.
+async fn churn(t: Arc<Setup>, client: usize, lock_id: String, stop: Arc<AtomicBool>) {
     let mut i = 0;
     while !stop.load(Ordering::Relaxed) {
         i += 1;
         let name = format!("churn-{client}-{i}");
-        let request = common::lock_request(&t.run, &name, json!({"lockId": lock_id, "ttl": "1s"}));
+        let request = common::lock_request(
+            &t.run,
+            &name,
+            json!({"lockId": lock_id, "scope": "Cluster", "ttl": "1s"}),
+        );
         if t.api.create(&PostParams::default(), &request).await.is_err() {
             tokio::time::sleep(Duration::from_millis(200)).await;
             continue;
@@ -58,6 +64,18 @@ async fn churn(t: Arc<Setup>, client: usize, lock_id: &'static str, stop: Arc<At
         while t.api.delete(&name, &Default::default()).await.is_err() && !stop.load(Ordering::Relaxed) {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+    }
+}
+
+/// `lockctl exec` with 1 s leases on `key`, one after another (the search
+/// index only: it runs on through the pause).
+fn exec_loop(key: String, stop: Arc<AtomicBool>) {
+    while !stop.load(Ordering::Relaxed) {
+        let _ = common::lockctl()
+            .args(["exec", &key, "--ttl", "1s", "--wait", "5s", "--", "sleep", "0.2"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
     }
 }
 
@@ -102,8 +120,17 @@ async fn leases_outlive_a_hung_api_server_and_new_requests_are_served_after_it()
     .await;
 
     let stop = Arc::new(AtomicBool::new(false));
-    let churners: Vec<_> = (0..3)
-        .map(|c| tokio::spawn(churn(t.clone(), c, "churn", stop.clone())))
+    // contention on two keys through the pause: four CRD clients, two exec clients
+    let churn_keys = [0, 1].map(|k| format!("{}-churn{k}", t.run));
+    let churners: Vec<_> = (0..4)
+        .map(|c| tokio::spawn(churn(t.clone(), c, churn_keys[c % 2].clone(), stop.clone())))
+        .collect();
+    let execs: Vec<_> = churn_keys
+        .iter()
+        .map(|key| {
+            let (key, stop) = (key.clone(), stop.clone());
+            std::thread::spawn(move || exec_loop(key, stop))
+        })
         .collect();
     tokio::time::sleep(Duration::from_secs(2)).await; // some churn before the pause
 
@@ -164,7 +191,11 @@ async fn leases_outlive_a_hung_api_server_and_new_requests_are_served_after_it()
     for c in churners {
         c.await.unwrap();
     }
-    // the churned key is served too, and ends free
-    t.create("after", json!({"lockId": "churn"})).await;
+    for e in execs {
+        e.join().unwrap();
+    }
+    // the churned keys are served too
+    let after = json!({"lockId": churn_keys[0], "scope": "Cluster"});
+    t.create("after", after).await;
     t.granted("after").await;
 }

@@ -467,3 +467,55 @@ async fn exec_stops_its_command_before_its_lease_runs_out_when_it_cannot_renew()
     );
     other.release(&lock_id, &granted.token).await.unwrap();
 }
+
+/// A request (and a gated Job) created and deleted within moments — here
+/// while the operator is paused, so that its watch brings both events at
+/// once — must not stop the operator taking on new ones. With kube-runtime's
+/// shared reflector every consumer of the watch looked the created object up
+/// in the store, found it gone and waited without a wakeup, for good: a
+/// hostile run saw no request granted again after churn with quick deletions.
+#[tokio::test]
+async fn an_object_created_and_deleted_in_a_blink_does_not_stop_the_operator() {
+    let Some(t) = Setup::new("blink", &[]).await else {
+        return;
+    };
+    t.create("before", json!({"lockId": "k"})).await;
+    t.granted("before").await;
+    let operator = nix::unistd::Pid::from_raw(t.operator.child.id() as i32);
+    nix::sys::signal::kill(operator, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let resume = resume_on_drop(operator);
+    let jobs: Api<Job> = Api::namespaced(t.client.clone(), &t.ns);
+    for i in 0..3 {
+        let name = format!("blink-{i}");
+        t.create(&name, json!({"lockId": "k"})).await;
+        t.delete(&name).await;
+        let job = gated_job(&t.run, &format!("blink-job-{i}"), "j", json!({}), None);
+        jobs.create(&PostParams::default(), &job).await.unwrap();
+        jobs.delete(&job.name_any(), &DeleteParams::background()).await.unwrap();
+    }
+    drop(resume);
+    // a new request, a gated Job and the first request's successor are served
+    t.create("after", json!({"lockId": "fresh"})).await;
+    t.granted("after").await;
+    jobs.create(
+        &PostParams::default(),
+        &gated_job(&t.run, "gated", "j", json!({}), None),
+    )
+    .await
+    .unwrap();
+    t.granted("gated").await;
+    t.create("next", json!({"lockId": "k"})).await;
+    t.delete("before").await;
+    t.granted("next").await;
+}
+
+/// SIGCONT to the paused operator when dropped (also when the test fails).
+fn resume_on_drop(pid: nix::unistd::Pid) -> impl Drop {
+    struct Resume(nix::unistd::Pid);
+    impl Drop for Resume {
+        fn drop(&mut self) {
+            let _ = nix::sys::signal::kill(self.0, nix::sys::signal::Signal::SIGCONT);
+        }
+    }
+    Resume(pid)
+}

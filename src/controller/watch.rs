@@ -4,10 +4,11 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use futures::TryStreamExt;
+use futures::{Stream, StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::Resource;
 use kube::api::Api;
+use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::{WatchStreamExt, watcher};
 use tokio::sync::mpsc;
 
@@ -51,6 +52,60 @@ pub fn requests(
         })
 }
 
+/// A watch's objects for several consumers (the controllers, the Job gate),
+/// with `writer`'s store kept up to date first. Every consumer gets every
+/// applied object and, when a (re)list is done, every object in the store,
+/// in order, with backpressure: the watch waits while a consumer is `buffer`
+/// objects behind.
+///
+/// Not kube-runtime's shared reflector (`reflect_shared` and its
+/// subscribers): its channel carries references that each consumer looks up
+/// in the store when it takes them, and a reference to an object deleted in
+/// between (created and deleted within moments) leaves that consumer pending
+/// without a wakeup — it never takes another object. Under churn with quick
+/// deletions all three consumers of the DistributedLock watch stopped for
+/// good and the operator took on no new request. Here the channel carries the
+/// objects themselves (the store's own copies: nothing is cloned).
+pub fn fan_out<K, S, const N: usize>(
+    events: S,
+    writer: reflector::store::Writer<K>,
+    buffer: usize,
+) -> (
+    impl Stream<Item = watcher::Result<watcher::Event<K>>>,
+    [async_broadcast::Receiver<Arc<K>>; N],
+)
+where
+    K: Resource + Clone + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
+    S: Stream<Item = watcher::Result<watcher::Event<K>>>,
+{
+    let (mut sender, receiver) = async_broadcast::broadcast(buffer);
+    // a consumer not polled yet gets what was sent before
+    sender.set_await_active(false);
+    let consumers = std::array::from_fn(|_| receiver.clone());
+    let store = writer.as_reader();
+    let events = events.reflect(writer).then(move |event| {
+        let (sender, store) = (sender.clone(), store.clone());
+        async move {
+            let objects = match &event {
+                Ok(watcher::Event::Apply(object)) => vec![
+                    store
+                        .get(&ObjectRef::from_obj(object))
+                        .unwrap_or_else(|| Arc::new(object.clone())),
+                ],
+                Ok(watcher::Event::InitDone) => store.state(),
+                _ => Vec::new(),
+            };
+            for object in objects {
+                // (an error: every consumer is gone, the process is ending)
+                let _ = sender.broadcast_direct(object).await;
+            }
+            event
+        }
+    });
+    (events, consumers)
+}
+
 /// The reference an event about `lock` points at (with its resourceVersion,
 /// so each version of a bad object is reported once).
 fn reference(lock: &DistributedLock) -> ObjectReference {
@@ -80,5 +135,59 @@ pub async fn report_undecodable(
         tracing::warn!(object = %name, %error, "skipping a DistributedLock the controller cannot decode");
         let note = format!("the controller cannot read this request and skips it: {error}");
         super::events::warning(&recorder, &reference, "InvalidObject", note).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fixtures::request;
+    use kube::ResourceExt;
+    use std::time::Duration;
+
+    fn names(objects: &[Arc<DistributedLock>]) -> Vec<String> {
+        objects.iter().map(|o| o.name_any()).collect()
+    }
+
+    #[tokio::test]
+    async fn every_consumer_gets_every_object_even_one_deleted_before_it_looked() {
+        let (a, b) = (request("a", "ns", "k", 0, 0, 1), request("b", "ns", "k", 0, 0, 2));
+        let events = futures::stream::iter([
+            Ok(watcher::Event::Apply(a.clone())),
+            // gone from the store before any consumer takes it
+            Ok(watcher::Event::Delete(a)),
+            Ok(watcher::Event::Apply(b)),
+        ]);
+        let (store, writer) = reflector::store::<DistributedLock>();
+        let (events, [first, second]) = fan_out(events, writer, 16);
+        assert_eq!(events.count().await, 3, "the watch's events pass through");
+        assert_eq!(names(&store.state()), ["b"]);
+        for consumer in [first, second] {
+            // taken as kube's controllers take their triggers: through a
+            // SelectAll, which polls a stream again only once it woke it
+            let consumer = futures::stream::select_all([consumer]);
+            let got: Vec<_> = tokio::time::timeout(Duration::from_secs(2), consumer.take(2).collect())
+                .await
+                .expect("a consumer stalled behind a deleted object");
+            assert_eq!(names(&got), ["a", "b"]);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_finished_list_hands_every_object_to_every_consumer() {
+        let listed = ["a", "b", "c"].map(|n| request(n, "ns", "k", 0, 0, 1));
+        let events = futures::stream::iter(
+            [watcher::Event::Init]
+                .into_iter()
+                .chain(listed.into_iter().map(watcher::Event::InitApply))
+                .chain([watcher::Event::InitDone])
+                .map(Ok),
+        );
+        let (_store, writer) = reflector::store::<DistributedLock>();
+        let (events, [consumer]) = fan_out(events, writer, 16);
+        events.for_each(|_| futures::future::ready(())).await;
+        let mut got = names(&consumer.take(3).collect::<Vec<_>>().await);
+        got.sort();
+        assert_eq!(got, ["a", "b", "c"]);
     }
 }
