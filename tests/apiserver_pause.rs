@@ -37,8 +37,8 @@ impl Drop for ResumeOnDrop {
 }
 
 /// Requests on `lock_id` (scope Cluster) with 1 s leases, one after
-/// another, each deleted soon after its grant (or after 5 s without one); API
-/// errors are retried.
+/// another, each deleted soon after its grant (or after 5 s without one), a
+/// third of them at once; API errors are retried.
 async fn churn(t: Arc<Setup>, client: usize, lock_id: String, stop: Arc<AtomicBool>) {
     let mut i = 0;
     while !stop.load(Ordering::Relaxed) {
@@ -51,6 +51,12 @@ async fn churn(t: Arc<Setup>, client: usize, lock_id: String, stop: Arc<AtomicBo
         );
         if t.api.create(&PostParams::default(), &request).await.is_err() {
             tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        }
+        // every third is withdrawn at once (the operator may see it
+        // created, and the object gone, before it takes it on)
+        if i % 3 == 0 {
+            let _ = t.api.delete(&name, &Default::default()).await;
             continue;
         }
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -105,19 +111,31 @@ async fn leases_outlive_a_hung_api_server_and_new_requests_are_served_after_it()
     )
     .await;
     let before = [t.granted("plain").await, t.granted("bound").await];
-    // a waiter behind a holder outside the cluster whose lease runs out during the pause
+    // waiters (one with a holderRef) behind holders outside the cluster whose
+    // leases run out during the pause
     let engine = common::lock_client(
         &common::es_url().unwrap(),
         kube_lock_manager::engine::DEFAULT_INDEX_PREFIX,
     );
-    let handoff = format!("{}/handoff", t.ns);
-    let outside = AcquireRequest::new(&handoff, Duration::from_secs(4), json!({}));
-    assert!(engine.try_acquire(&outside).await.unwrap().is_some());
-    let waiter = t.create("waiter", json!({"lockId": "handoff", "ttl": "2s"})).await;
-    await_lock(&t.api, "waiter", "Pending: HeldElsewhere", common::WAIT, |l| {
-        common::condition(l, "Granted").is_some_and(|c| c.reason == "HeldElsewhere")
-    })
-    .await;
+    let mut waiters = Vec::new();
+    for (name, holder) in [
+        ("waiter", json!(null)),
+        ("bound-waiter", json!({"kind": "Pod", "name": "holder"})),
+    ] {
+        let key = format!("{}/{name}", t.ns);
+        let outside = AcquireRequest::new(&key, Duration::from_secs(4), json!({}));
+        assert!(engine.try_acquire(&outside).await.unwrap().is_some());
+        let mut spec = json!({"lockId": name, "ttl": "2s"});
+        if !holder.is_null() {
+            spec["holderRef"] = holder;
+        }
+        let uid = t.create(name, spec).await.metadata.uid;
+        await_lock(&t.api, name, "Pending: HeldElsewhere", common::WAIT, |l| {
+            common::condition(l, "Granted").is_some_and(|c| c.reason == "HeldElsewhere")
+        })
+        .await;
+        waiters.push((name, key, uid));
+    }
 
     let stop = Arc::new(AtomicBool::new(false));
     // contention on two keys through the pause: four CRD clients, two exec clients
@@ -138,38 +156,42 @@ async fn leases_outlive_a_hung_api_server_and_new_requests_are_served_after_it()
     testenv(&["pause", "apiserver"]);
     let paused = Instant::now();
     // over three 2 s leases long; another owner tries to take the locks all
-    // along (the waiter's from when the index shows its grant)
-    let mut handed_over = None;
+    // along (a waiter's from when the index shows its grant)
+    let mut handed_over = vec![None; waiters.len()];
     while paused.elapsed() < Duration::from_secs(7) {
-        let held = engine.get(&handoff).await.unwrap();
-        if held.is_some_and(|h| Some(h.token) == waiter.metadata.uid) {
-            handed_over.get_or_insert(paused.elapsed());
+        let mut keys = ["plain", "bound"].map(|id| format!("{}/{id}", t.ns)).to_vec();
+        for ((_, key, uid), at) in waiters.iter().zip(handed_over.iter_mut()) {
+            let held = engine.get(key).await.unwrap();
+            if held.is_some_and(|h| Some(&h.token) == uid.as_ref()) {
+                at.get_or_insert(paused.elapsed());
+            }
+            if at.is_some() {
+                keys.push(key.clone());
+            }
         }
-        let keys = ["plain", "bound"].map(|id| format!("{}/{id}", t.ns));
-        for key in keys.iter().chain(handed_over.map(|_| &handoff)) {
+        for key in &keys {
             let intruder = AcquireRequest::new(key, Duration::from_secs(1), json!({"intruder": true}));
             let taken = engine.try_acquire(&intruder).await.unwrap();
             assert!(
                 taken.is_none(),
-                "{key} taken by another owner {:?} into the API server's pause (handed over to the waiter at {handed_over:?}): a Granted request's lease was not renewed",
+                "{key} taken by another owner {:?} into the API server's pause (waiters granted at {handed_over:?}): a Granted request's lease was not renewed",
                 paused.elapsed()
             );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     testenv(&["resume", "apiserver"]);
-    let handed_over = handed_over.expect("the waiter acquires once the outside lease runs out, during the pause");
-    assert!(
-        handed_over < Duration::from_secs(4),
-        "handed over at {handed_over:?}: too late to test its lease"
-    );
-
-    let waiter = t.granted("waiter").await;
-    assert_eq!(
-        token(&waiter),
-        waiter.metadata.uid,
-        "the waiter holds the grant it took during the pause"
-    );
+    for ((name, _, uid), at) in waiters.iter().zip(handed_over) {
+        if *name == "waiter" {
+            let at = at.unwrap_or_else(|| panic!("{name} acquires once the outside lease runs out, during the pause"));
+            assert!(
+                at < Duration::from_secs(4),
+                "{name} granted at {at:?}: too late to test its lease"
+            );
+        }
+        let waiter = t.granted(name).await;
+        assert_eq!(&token(&waiter), uid, "{name} holds its grant");
+    }
     for held in before {
         let name = held.metadata.name.clone().unwrap();
         let now = t.api.get(&name).await.unwrap();

@@ -101,16 +101,37 @@ pub fn decide(lock: &DistributedLock, holder: HolderState, now: DateTime<Utc>) -
 
 /// Reconciles a Granted request.
 pub async fn reconcile(lock: Arc<DistributedLock>, ctx: &Context, key: &str) -> Result<Action> {
-    // Half a renewal period to read the holder: the renewal after it still
-    // comes long before the lease runs out. Unread, it is taken to still run.
     let (_, period) = lease_plan(&lock);
-    let holder = holder::within(period / 2, &lock, holder::fetch(&ctx.client, &lock))
-        .await
-        .unwrap_or(HolderState::Running);
+    let holder = lease_holder(ctx, &lock, period).await;
     match decide(&lock, holder, Utc::now()) {
         GrantedStep::Release { reason, message } => super::finish(&lock, ctx, Phase::Released, reason, message).await,
         GrantedStep::NotDue(wait) => Ok(Action::requeue(wait)),
         GrantedStep::Renew { ttl } => renew(lock, ctx, key, ttl).await,
+    }
+}
+
+/// The holder of a request that holds a lease renewed every `period`, read
+/// with half a period to answer: the renewal after it still comes long before
+/// the lease runs out. Unread, it is taken to still run ([`kept_unread`]).
+pub(super) async fn lease_holder(ctx: &Context, lock: &DistributedLock, period: Duration) -> HolderState {
+    match holder::within(period / 2, holder::fetch(&ctx.client, lock)).await {
+        Ok(state) => state,
+        Err(unread) => {
+            kept_unread(ctx, lock, &unread);
+            HolderState::Running
+        }
+    }
+}
+
+/// A holder that could not be read keeps its lock (renewed) until it can be:
+/// said in the log, and — when the API server answered with an error, which
+/// may not pass by itself (RBAC, say) — in a Warning event on the request.
+pub(super) fn kept_unread(ctx: &Context, lock: &DistributedLock, unread: &holder::Unread) {
+    tracing::warn!(name = %lock.name_any(), error = %unread, "cannot read the holder; keeping its lock renewed");
+    if let holder::Unread::Failed(e) = unread {
+        let note = format!("cannot read its holder ({e}); the lock is kept and renewed until it can");
+        let (recorder, object) = (ctx.recorder.clone(), super::object_ref(lock));
+        tokio::spawn(async move { super::events::warning(&recorder, &object, reason::HOLDER_UNREADABLE, note).await });
     }
 }
 

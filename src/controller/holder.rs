@@ -76,22 +76,36 @@ pub async fn fetch(client: &kube::Client, lock: &DistributedLock) -> Result<Hold
     })
 }
 
+/// Why a holder was not read in time.
+#[derive(Debug)]
+pub enum Unread {
+    /// The API server did not answer within this long.
+    NoAnswer(std::time::Duration),
+    /// It answered with an error (or the connection failed).
+    Failed(Error),
+}
+
+impl std::fmt::Display for Unread {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Unread::NoAnswer(budget) => write!(f, "no answer from the API server within {budget:?}"),
+            Unread::Failed(e) => write!(f, "{e}"),
+        }
+    }
+}
+
 /// `read` (of a holder, for a request holding a lease), given at most
-/// `budget`: `None`, logged, when the API server does not answer in time or
-/// answers with an error. The caller then keeps the lease renewed rather than
-/// let it lapse under a workload that may still be using it.
+/// `budget`: the caller then keeps the lease renewed rather than let it lapse
+/// under a workload that may still be using it.
 pub async fn within<T>(
     budget: std::time::Duration,
-    lock: &DistributedLock,
     read: impl std::future::Future<Output = Result<T>>,
-) -> Option<T> {
-    let failure = match tokio::time::timeout(budget, read).await {
-        Ok(Ok(value)) => return Some(value),
-        Ok(Err(e)) => e.to_string(),
-        Err(_) => format!("no answer from the API server within {budget:?}"),
-    };
-    tracing::warn!(name = %lock.name_any(), error = %failure, "cannot read the holder; keeping its lease renewed");
-    None
+) -> std::result::Result<T, Unread> {
+    match tokio::time::timeout(budget, read).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(e)) => Err(Unread::Failed(e)),
+        Err(_) => Err(Unread::NoAnswer(budget)),
+    }
 }
 
 /// True when the Job a gated request was made for is gone or being deleted.

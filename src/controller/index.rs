@@ -5,7 +5,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::batch::v1::Job;
 use kube::ResourceExt;
@@ -47,9 +47,9 @@ pub struct QueueIndex {
     moved_at: RecentByKey,
     /// Waiters (by UID) whose new place is not written yet, since when.
     place_deferred: Mutex<HashMap<String, Instant>>,
-    /// Requests (by UID) this controller wrote Granted, with the
-    /// resourceVersion of that write, until the cache shows it.
-    granted_rv: Mutex<HashMap<String, u64>>,
+    /// Requests (by UID) this controller granted whose Granted status the
+    /// cache does not show yet.
+    unseen_grants: Mutex<HashMap<String, UnseenGrant>>,
     /// When each key was last granted here.
     granted_at: RecentByKey,
     /// Told of every grant.
@@ -92,6 +92,28 @@ fn resource_version<K: ResourceExt>(obj: &K) -> Option<u64> {
     obj.resource_version().and_then(|rv| rv.parse().ok())
 }
 
+/// A grant this controller made whose Granted status the cache does not show
+/// yet ([`QueueIndex::wrote_grant`]).
+#[derive(Debug)]
+struct UnseenGrant {
+    /// The resourceVersion of the Granted write; `None`: given up.
+    written: Option<u64>,
+    /// When the lease is next due for renewal.
+    renewal: Instant,
+    period: Duration,
+}
+
+impl UnseenGrant {
+    /// The cache's copy (at `rv`) shows the grant: at or after the write, or
+    /// — a write given up that landed after all — Granted or done.
+    fn seen_in(&self, lock: &DistributedLock, rv: u64) -> bool {
+        match self.written {
+            Some(written) => rv >= written,
+            None => queue::phase(lock) == crate::crd::Phase::Granted || queue::phase(lock).is_final(),
+        }
+    }
+}
+
 impl QueueIndex {
     /// Watch hook for DistributedLocks (called before the reflector stores the event).
     pub fn observe(&self, event: &watcher::Event<DistributedLock>) {
@@ -124,9 +146,9 @@ impl QueueIndex {
     /// `live`: delivered by the watch as it happened, not by a (re)list.
     fn file(&self, lock: &DistributedLock, live: bool) {
         if let (Some(uid), Some(rv)) = (lock.uid(), resource_version(lock)) {
-            let mut granted = locked(&self.granted_rv);
-            if granted.get(&uid).is_some_and(|written| rv >= *written) {
-                granted.remove(&uid);
+            let mut unseen = locked(&self.unseen_grants);
+            if unseen.get(&uid).is_some_and(|grant| grant.seen_in(lock, rv)) {
+                unseen.remove(&uid);
             }
         }
         // a listed version that already carries our finalizer may be of a
@@ -159,7 +181,7 @@ impl QueueIndex {
             locked(&self.first_seen).remove(&uid);
             locked(&self.released_uids).remove(&uid);
             locked(&self.place_deferred).remove(&uid);
-            locked(&self.granted_rv).remove(&uid);
+            locked(&self.unseen_grants).remove(&uid);
         }
         remove_filing(&mut locked(&self.entries), &ObjectRef::from_obj(lock));
     }
@@ -245,25 +267,52 @@ impl QueueIndex {
     }
 
     /// Notes that this controller wrote Granted on `lock` at resourceVersion
-    /// `rv`: its key changed hands.
-    pub fn wrote_grant(&self, lock: &DistributedLock, rv: Option<String>) {
-        let key = queue::lock_key(lock);
-        self.moved_at.mark(&key);
-        self.granted_at.mark(&key);
-        self.grants.notify_waiters();
-        if let (Some(uid), Some(rv)) = (lock.uid(), rv.and_then(|rv| rv.parse().ok())) {
-            locked(&self.granted_rv).insert(uid, rv);
+    /// `rv` (`None`: the write was given up, it may still land), for a lease
+    /// renewed every `period` from `renewal` on: its key changed hands.
+    pub fn wrote_grant(&self, lock: &DistributedLock, rv: Option<&str>, renewal: Instant, period: Duration) {
+        if rv.is_some() {
+            let key = queue::lock_key(lock);
+            self.moved_at.mark(&key);
+            self.granted_at.mark(&key);
+            self.grants.notify_waiters();
+        }
+        if let Some(uid) = lock.uid() {
+            let grant = UnseenGrant {
+                written: rv.and_then(|rv| rv.parse().ok()),
+                renewal,
+                period,
+            };
+            locked(&self.unseen_grants).insert(uid, grant);
         }
     }
 
-    /// True when the cache still shows a copy older than the Granted status
-    /// this controller wrote: deciding on it would acquire again (the newer
-    /// copy is on its way and triggers the next reconcile).
-    pub fn behind_own_grant(&self, lock: &DistributedLock) -> bool {
-        let (Some(uid), Some(rv)) = (lock.uid(), resource_version(lock)) else {
-            return false;
-        };
-        locked(&self.granted_rv).get(&uid).is_some_and(|written| rv < *written)
+    /// What to do with a copy of `lock` from before a Granted status this
+    /// controller wrote (or gave up writing): deciding on it would acquire
+    /// again, and the newer copy is on its way and triggers the next
+    /// reconcile — so wait for it (`Some(wait)`), but never past the grant's
+    /// next renewal: should the watch be slow (an API server that stopped
+    /// answering), the copy is decided on then (`None`) — as the head it
+    /// re-acquires with the same token, which extends the lease — and the
+    /// renewal after is waited for again.
+    pub fn behind_own_grant(&self, lock: &DistributedLock, now: Instant) -> Option<Duration> {
+        let (uid, rv) = (lock.uid()?, resource_version(lock)?);
+        let mut unseen = locked(&self.unseen_grants);
+        let grant = unseen.get_mut(&uid)?;
+        if grant.seen_in(lock, rv) {
+            return None;
+        }
+        if now < grant.renewal {
+            return Some(grant.renewal - now);
+        }
+        grant.renewal = now + grant.period;
+        None
+    }
+
+    /// True while a grant this controller made to `lock` is not in the cache
+    /// yet ([`Self::wrote_grant`]): its reconciles keep its lease alive.
+    pub fn holds_unseen_grant(&self, lock: &DistributedLock) -> bool {
+        lock.uid()
+            .is_some_and(|uid| locked(&self.unseen_grants).contains_key(&uid))
     }
 
     /// Notes that this controller released `lock`'s grant of `key` just now.
@@ -333,8 +382,42 @@ impl Sightings for QueueIndex {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::HolderRef;
+    use crate::crd::{HolderRef, Phase};
     use crate::fixtures::request;
+
+    #[test]
+    fn a_copy_behind_our_grant_waits_for_the_watch_but_never_past_a_renewal() {
+        let index = QueueIndex::default();
+        let pending = crate::fixtures::with_phase(request("a", "ns", "k", 0, 1, 10), Phase::Pending, Some(1));
+        index.observe(&watcher::Event::Apply(pending.clone()));
+        let (t0, period) = (Instant::now(), Duration::from_millis(500));
+        assert_eq!(index.behind_own_grant(&pending, t0), None, "nothing granted yet");
+        index.wrote_grant(&pending, Some("11"), t0 + period, period);
+        assert!(index.holds_unseen_grant(&pending));
+        assert_eq!(
+            index.behind_own_grant(&pending, t0),
+            Some(period),
+            "the newer copy is on its way"
+        );
+        // the watch is slow: at the renewal the stale copy is decided on (and
+        // re-acquires), then the next renewal is waited for
+        assert_eq!(index.behind_own_grant(&pending, t0 + period), None);
+        assert_eq!(index.behind_own_grant(&pending, t0 + period), Some(period));
+        // the Granted copy arrives: nothing is behind any more
+        let granted = crate::fixtures::with_phase(request("a", "ns", "k", 0, 1, 11), Phase::Granted, None);
+        index.observe(&watcher::Event::Apply(granted));
+        assert_eq!(index.behind_own_grant(&pending, t0), None);
+        assert!(!index.holds_unseen_grant(&pending));
+        // a write given up is seen once a copy shows the request Granted
+        let other = request("b", "ns", "k", 0, 1, 12);
+        index.wrote_grant(&other, None, t0, period);
+        assert_eq!(index.behind_own_grant(&other, t0), None, "due at once: re-acquire");
+        index.observe(&watcher::Event::Apply(other.clone()));
+        assert!(index.holds_unseen_grant(&other), "a Pending copy does not show it");
+        let landed = crate::fixtures::with_phase(request("b", "ns", "k", 0, 1, 13), Phase::Granted, None);
+        index.observe(&watcher::Event::Apply(landed));
+        assert!(!index.holds_unseen_grant(&other));
+    }
 
     #[test]
     fn a_request_created_with_our_finalizer_keeps_its_place_within_its_second() {

@@ -329,8 +329,8 @@ pub async fn reconcile(lock: Arc<DistributedLock>, ctx: Arc<Context>) -> Result<
         .namespace()
         .ok_or_else(|| Error::Invalid("DistributedLock without a namespace".into()))?;
     // a copy from before our own Granted write: the newer one is on its way
-    if ctx.index.behind_own_grant(&lock) {
-        return Ok(Action::await_change());
+    if let Some(wait) = ctx.index.behind_own_grant(&lock, Instant::now()) {
+        return Ok(Action::requeue(wait));
     }
     let api: Api<DistributedLock> = Api::namespaced(ctx.client.clone(), &namespace);
     if lock.metadata.deletion_timestamp.is_none() && !lock.finalizers().iter().any(|f| f == FINALIZER) {
@@ -462,7 +462,10 @@ async fn pods_may_run(lock: &DistributedLock, ctx: &Context) -> bool {
         Ok(holder::gating_job_going(&ctx.client, lock).await?
             && holder::fetch(&ctx.client, lock).await? == holder::HolderState::Running)
     };
-    holder::within(period / 2, lock, read).await.unwrap_or(true)
+    holder::within(period / 2, read).await.unwrap_or_else(|unread| {
+        granted::kept_unread(ctx, lock, &unread);
+        true
+    })
 }
 
 /// How long a deleted holder's own last writes wait for its successor's grant.

@@ -229,7 +229,16 @@ pub fn scope_allowed(ctx: &Context, lock: &DistributedLock) -> Result<(), String
 
 /// Reconciles a Pending request.
 pub async fn reconcile(lock: Arc<DistributedLock>, ctx: &Context, key: &str) -> Result<Action> {
-    let holder = holder::fetch(&ctx.client, &lock).await?;
+    let holder = if ctx.index.holds_unseen_grant(&lock) {
+        // granted in the lock index, the Granted status not in the cache (its
+        // write given up, or the watch slow): the lease runs on only if this
+        // reconcile re-acquires in time, so its holder is read as a Granted
+        // request's is
+        let period = renew_period(lock.spec.ttl().unwrap_or(crate::lock::DEFAULT_TTL));
+        super::granted::lease_holder(ctx, &lock, period).await
+    } else {
+        holder::fetch(&ctx.client, &lock).await?
+    };
     let members = ctx.index.members(&ctx.store, key);
     let mut waiters = queue::waiters(&members, key, ctx);
     if queue::stands_aside(&lock) {
@@ -531,13 +540,17 @@ async fn acquire(lock: Arc<DistributedLock>, ctx: &Context, key: &str, ask: Ask)
     // server has not answered when the new lease is due for renewal is given
     // up the same way: the next reconcile re-acquires (same token: the lease
     // is extended) and writes again.
-    let renewal = started + renew_period(ttl);
+    let (period, renewal) = (renew_period(ttl), started + renew_period(ttl));
     let written = match status::write_by(&ctx.client, &lock, next, renewal).await? {
         status::Written::At(version) => version,
-        status::Written::GivenUp => return Ok(Action::requeue(Duration::ZERO)),
+        status::Written::GivenUp => {
+            ctx.index.wrote_grant(&lock, None, renewal, period);
+            return Ok(Action::requeue(Duration::ZERO));
+        }
     };
     ctx.index.place_written(&lock);
-    ctx.index.wrote_grant(&lock, written);
+    ctx.index
+        .wrote_grant(&lock, Some(written.as_deref().unwrap_or_default()), renewal, period);
     ctx.metrics.granted(kind);
     if skipped {
         ctx.metrics.head_of_line_skips.inc();

@@ -41,6 +41,8 @@ pub mod reason {
     pub const INDEX_READ_ONLY: &str = "IndexReadOnly";
     /// The lock document of this key is in a shape the engine cannot read.
     pub const UNREADABLE_LOCK: &str = "UnreadableLock";
+    /// (Event) The holder's Job or Pod could not be read; the lease is kept.
+    pub const HOLDER_UNREADABLE: &str = "HolderUnreadable";
 }
 
 /// Whether the lock index answered the last time this controller asked.
