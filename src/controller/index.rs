@@ -96,7 +96,8 @@ fn resource_version<K: ResourceExt>(obj: &K) -> Option<u64> {
 /// yet ([`QueueIndex::wrote_grant`]).
 #[derive(Debug)]
 struct UnseenGrant {
-    /// The resourceVersion of the Granted write; `None`: given up.
+    /// The resourceVersion of the Granted write; `None`: given up (or
+    /// unreadable): seen once a copy shows the request Granted.
     written: Option<u64>,
     /// When the lease is next due for renewal.
     renewal: Instant,
@@ -267,18 +268,27 @@ impl QueueIndex {
     }
 
     /// Notes that this controller wrote Granted on `lock` at resourceVersion
-    /// `rv` (`None`: the write was given up, it may still land), for a lease
-    /// renewed every `period` from `renewal` on: its key changed hands.
+    /// `rv`, for a lease renewed every `period` from `renewal` on: its key
+    /// changed hands.
     pub fn wrote_grant(&self, lock: &DistributedLock, rv: Option<&str>, renewal: Instant, period: Duration) {
-        if rv.is_some() {
-            let key = queue::lock_key(lock);
-            self.moved_at.mark(&key);
-            self.granted_at.mark(&key);
-            self.grants.notify_waiters();
-        }
+        let key = queue::lock_key(lock);
+        self.moved_at.mark(&key);
+        self.granted_at.mark(&key);
+        self.grants.notify_waiters();
+        self.unseen(lock, rv.and_then(|rv| rv.parse().ok()), renewal, period);
+    }
+
+    /// Notes that `lock` was granted in the lock index but its Granted write
+    /// was given up (it may still land): as [`Self::wrote_grant`], until a
+    /// copy shows the request Granted.
+    pub fn gave_up_grant_write(&self, lock: &DistributedLock, renewal: Instant, period: Duration) {
+        self.unseen(lock, None, renewal, period);
+    }
+
+    fn unseen(&self, lock: &DistributedLock, written: Option<u64>, renewal: Instant, period: Duration) {
         if let Some(uid) = lock.uid() {
             let grant = UnseenGrant {
-                written: rv.and_then(|rv| rv.parse().ok()),
+                written,
                 renewal,
                 period,
             };
@@ -410,7 +420,7 @@ mod tests {
         assert!(!index.holds_unseen_grant(&pending));
         // a write given up is seen once a copy shows the request Granted
         let other = request("b", "ns", "k", 0, 1, 12);
-        index.wrote_grant(&other, None, t0, period);
+        index.gave_up_grant_write(&other, t0, period);
         assert_eq!(index.behind_own_grant(&other, t0), None, "due at once: re-acquire");
         index.observe(&watcher::Event::Apply(other.clone()));
         assert!(index.holds_unseen_grant(&other), "a Pending copy does not show it");

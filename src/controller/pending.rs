@@ -540,17 +540,17 @@ async fn acquire(lock: Arc<DistributedLock>, ctx: &Context, key: &str, ask: Ask)
     // server has not answered when the new lease is due for renewal is given
     // up the same way: the next reconcile re-acquires (same token: the lease
     // is extended) and writes again.
-    let (period, renewal) = (renew_period(ttl), started + renew_period(ttl));
+    let period = renew_period(ttl);
+    let renewal = started + period;
     let written = match status::write_by(&ctx.client, &lock, next, renewal).await? {
         status::Written::At(version) => version,
         status::Written::GivenUp => {
-            ctx.index.wrote_grant(&lock, None, renewal, period);
+            ctx.index.gave_up_grant_write(&lock, renewal, period);
             return Ok(Action::requeue(Duration::ZERO));
         }
     };
     ctx.index.place_written(&lock);
-    ctx.index
-        .wrote_grant(&lock, Some(written.as_deref().unwrap_or_default()), renewal, period);
+    ctx.index.wrote_grant(&lock, written.as_deref(), renewal, period);
     ctx.metrics.granted(kind);
     if skipped {
         ctx.metrics.head_of_line_skips.inc();
