@@ -318,6 +318,15 @@ impl QueueIndex {
         None
     }
 
+    /// The grant this controller made to `lock` is gone from the lock index
+    /// (a re-acquire found the key held by another or not ours to take): the
+    /// request is decided on as any waiter again.
+    pub fn forget_unseen_grant(&self, lock: &DistributedLock) {
+        if let Some(uid) = lock.uid() {
+            locked(&self.unseen_grants).remove(&uid);
+        }
+    }
+
     /// True while a grant this controller made to `lock` is not in the cache
     /// yet ([`Self::wrote_grant`]): its reconciles keep its lease alive.
     pub fn holds_unseen_grant(&self, lock: &DistributedLock) -> bool {

@@ -28,6 +28,12 @@ pub struct QueueView {
     pub held_by: Option<String>,
     /// The permits of the key, when a Semaphore governs it.
     pub permits: Option<PermitView>,
+    /// This controller granted the request in the lock index, and no copy
+    /// with its Granted status is in the cache yet (the write was given up,
+    /// or the watch is slow): [`QueueIndex::holds_unseen_grant`].
+    ///
+    /// [`QueueIndex::holds_unseen_grant`]: super::index::QueueIndex::holds_unseen_grant
+    pub own_grant_unseen: bool,
 }
 
 /// A semaphore key's permits as a waiter sees them.
@@ -132,6 +138,23 @@ pub fn decide(
         Ok(d) => d,
         Err(message) => return fail(reason::INVALID_SPEC, format!("spec.acquireTimeout: {message}")),
     };
+    if queue.own_grant_unseen {
+        // Granted in the lock index, the Granted status not in the cache yet
+        // (its write given up — it may still land — or the watch slow): the
+        // grant stands. Nothing else is decided on this copy: a release from
+        // it (acquireTimeout, a holder done, another's turn) could be
+        // overtaken by that write landing — a holder told Granted without its
+        // lock. The acquire is repeated (same token: the lease is extended,
+        // and the Granted status written again) until a copy shows the
+        // request Granted; the Granted path decides from there.
+        let permits = queue.permits.as_ref().map(|p| p.wants.clone());
+        return PendingStep::Acquire {
+            ttl,
+            deadline: None,
+            metadata,
+            permits,
+        };
+    }
     match holder {
         HolderState::Finished(why) => return PendingStep::HolderFinished { message: why },
         HolderState::Missing if holder::owned_by_holder(lock) => return PendingStep::DeleteRequest,
@@ -229,13 +252,11 @@ pub fn scope_allowed(ctx: &Context, lock: &DistributedLock) -> Result<(), String
 
 /// Reconciles a Pending request.
 pub async fn reconcile(lock: Arc<DistributedLock>, ctx: &Context, key: &str) -> Result<Action> {
-    let holder = if ctx.index.holds_unseen_grant(&lock) {
-        // granted in the lock index, the Granted status not in the cache (its
-        // write given up, or the watch slow): the lease runs on only if this
-        // reconcile re-acquires in time, so its holder is read as a Granted
-        // request's is
-        let period = renew_period(lock.spec.ttl().unwrap_or(crate::lock::DEFAULT_TTL));
-        super::granted::lease_holder(ctx, &lock, period).await
+    let own_grant_unseen = ctx.index.holds_unseen_grant(&lock);
+    let holder = if own_grant_unseen {
+        // not read: the grant stands whatever the holder does (decide), and
+        // the API server may not be answering
+        HolderState::Running
     } else {
         holder::fetch(&ctx.client, &lock).await?
     };
@@ -254,6 +275,7 @@ pub async fn reconcile(lock: Arc<DistributedLock>, ctx: &Context, key: &str) -> 
             .filter(|h| h.uid() != lock.uid() && semaphore.is_none())
             .map(|h| h.name_any()),
         permits: semaphore.map(|s| permit_view(ctx, &s, key, &lock, &members, &waiters)),
+        own_grant_unseen,
     };
     let step = decide(&lock, scope_allowed(ctx, &lock), holder, &view, Utc::now());
     tracing::debug!(?step, "pending");
@@ -308,7 +330,9 @@ pub async fn reconcile(lock: Arc<DistributedLock>, ctx: &Context, key: &str) -> 
             permits,
         } => {
             // (no status write: its place is not known until that request exists)
-            if let Some(job) = crate::gate::job_queued_ahead(ctx, key, &ctx.arrival(&lock)) {
+            if !view.own_grant_unseen
+                && let Some(job) = crate::gate::job_queued_ahead(ctx, key, &ctx.arrival(&lock))
+            {
                 tracing::debug!(%job, "a Job created earlier is queueing for the same key");
                 return Ok(Action::requeue(Duration::from_millis(200)));
             }
@@ -498,11 +522,16 @@ async fn acquire(lock: Arc<DistributedLock>, ctx: &Context, key: &str, ask: Ask)
         None => match ctx.engine("acquire", &lock, ctx.locks.try_acquire(&request)).await {
             Ok(Some(grant)) => grant,
             Ok(None) if leaving_holder_here(ctx, key, &lock) => {
+                ctx.index.forget_unseen_grant(&lock);
                 // its release (on its way) wakes this request; nothing to write meanwhile
                 return Ok(Action::requeue(Duration::from_secs(1)));
             }
-            Ok(None) => return held_elsewhere(&lock, ctx, key, deadline).await,
+            Ok(None) => {
+                ctx.index.forget_unseen_grant(&lock);
+                return held_elsewhere(&lock, ctx, key, deadline).await;
+            }
             Err(Error::Lock(LockError::KindMismatch { .. })) => {
+                ctx.index.forget_unseen_grant(&lock);
                 return kind_mismatch(&lock, ctx, key, position, false).await;
             }
             Err(e) => return Err(e),
@@ -519,10 +548,15 @@ async fn acquire(lock: Arc<DistributedLock>, ctx: &Context, key: &str, ask: Ask)
             {
                 Ok(PermitOutcome::Granted(grant)) => grant,
                 Ok(PermitOutcome::Full(state)) => {
+                    ctx.index.forget_unseen_grant(&lock);
                     return permits_in_use(&lock, ctx, key, state, position, deadline).await;
                 }
-                Err(Error::Lock(LockError::NoSemaphore { .. })) => return no_semaphore_yet(&lock, ctx, key).await,
+                Err(Error::Lock(LockError::NoSemaphore { .. })) => {
+                    ctx.index.forget_unseen_grant(&lock);
+                    return no_semaphore_yet(&lock, ctx, key).await;
+                }
                 Err(Error::Lock(LockError::KindMismatch { .. })) => {
+                    ctx.index.forget_unseen_grant(&lock);
                     return kind_mismatch(&lock, ctx, key, position, true).await;
                 }
                 Err(e) => return Err(e),
@@ -785,6 +819,7 @@ mod tests {
         QueueView {
             position: 1,
             held_by: None,
+            own_grant_unseen: false,
             permits: None,
         }
     }
@@ -809,6 +844,7 @@ mod tests {
         let behind = QueueView {
             position: 3,
             held_by: None,
+            own_grant_unseen: false,
             permits: None,
         };
         assert!(
@@ -817,6 +853,7 @@ mod tests {
         let held = QueueView {
             position: 1,
             held_by: Some("other".into()),
+            own_grant_unseen: false,
             permits: None,
         };
         assert!(
@@ -843,6 +880,7 @@ mod tests {
         QueueView {
             position,
             held_by: None,
+            own_grant_unseen: false,
             permits: Some(PermitView {
                 capacity: Capacity {
                     limit,
@@ -911,6 +949,61 @@ mod tests {
             ),
             "{step:?}"
         );
+    }
+
+    #[test]
+    fn a_grant_whose_status_is_not_seen_yet_stands_whatever_this_copy_says() {
+        // past its acquireTimeout, its holder done, behind others, the key
+        // held by another here: a release from this copy could be overtaken
+        // by its Granted write landing, so it re-acquires (extends)
+        let mut lock = held_by_job(created_at_zero(), "j");
+        lock.spec.acquire_timeout = Some("5s".into());
+        let unseen = |mut view: QueueView| {
+            view.own_grant_unseen = true;
+            view
+        };
+        let behind = QueueView {
+            position: 3,
+            held_by: Some("other".into()),
+            permits: None,
+            own_grant_unseen: false,
+        };
+        for holder in [
+            HolderState::Finished("Job completed"),
+            HolderState::Missing,
+            HolderState::Running,
+        ] {
+            let step = decide(&lock, Ok(()), holder, &unseen(behind.clone()), at(60));
+            assert!(
+                matches!(
+                    step,
+                    PendingStep::Acquire {
+                        deadline: None,
+                        permits: None,
+                        ..
+                    }
+                ),
+                "{holder:?}: {step:?}"
+            );
+        }
+        // a semaphore key: the same permits again
+        let full = unseen(with_permits(2, Turn::ExceedsLimit, 1, 1, &["a"], 1));
+        let step = decide(&lock, Ok(()), HolderState::Running, &full, at(60));
+        assert!(
+            matches!(
+                &step,
+                PendingStep::Acquire {
+                    permits: Some(Want { permits: 1, .. }),
+                    ..
+                }
+            ),
+            "{step:?}"
+        );
+        // seen (or forgotten): the copy is decided on as any waiter's
+        assert!(matches!(
+            decide(&lock, Ok(()), HolderState::Running, &behind, at(60)),
+            PendingStep::Fail { reason: "Timeout", .. }
+        ));
     }
 
     #[test]
