@@ -96,9 +96,7 @@ impl Context {
                         lock,
                         &IndexHealth::Failing(reason::UNREADABLE_LOCK, crate::lock::error_line(&e)),
                     );
-                    if let Err(e) = status::write(&self.client, lock, next).await {
-                        tracing::debug!(error = %e, "could not record the lock's problem");
-                    }
+                    self.write_aside(lock, next, "could not record the lock's problem");
                     return Err(Error::Lock(e));
                 }
                 let health = match category {
@@ -106,18 +104,12 @@ impl Context {
                         let message = crate::lock::error_line(&e);
                         // needs an admin: say so loudly, on the request it stops
                         let note = format!("no lock is granted: {message}");
-                        events::warning(&self.recorder, &object_ref(lock), reason::FENCING_UNPROVEN, note).await;
+                        self.warn_aside(lock, reason::FENCING_UNPROVEN, note);
                         IndexHealth::Failing(reason::FENCING_UNPROVEN, message)
                     }
                     Category::ReadOnly => {
                         let message = crate::lock::error_line(&e);
-                        events::warning(
-                            &self.recorder,
-                            &object_ref(lock),
-                            reason::INDEX_READ_ONLY,
-                            message.clone(),
-                        )
-                        .await;
+                        self.warn_aside(lock, reason::INDEX_READ_ONLY, message.clone());
                         IndexHealth::Failing(reason::INDEX_READ_ONLY, message)
                     }
                     _ => IndexHealth::Failing(
@@ -128,12 +120,28 @@ impl Context {
                 self.set_index_health(health.clone());
                 // best effort: tell this request's user at once
                 let next = status::with_index_health(lock, &health);
-                if let Err(e) = status::write(&self.client, lock, next).await {
-                    tracing::debug!(error = %e, "could not record the index's health");
-                }
+                self.write_aside(lock, next, "could not record the index's health");
                 Err(Error::Lock(e))
             }
         }
+    }
+
+    /// A best-effort status write, not waited for: the reconcile that asks
+    /// for it may hold a lease whose next renewal must not wait on an API
+    /// server that does not answer.
+    fn write_aside(&self, lock: &DistributedLock, next: crate::crd::DistributedLockStatus, failed: &'static str) {
+        let (client, lock) = (self.client.clone(), lock.clone());
+        tokio::spawn(async move {
+            if let Err(e) = status::write(&client, &lock, next).await {
+                tracing::debug!(error = %e, failed);
+            }
+        });
+    }
+
+    /// A Warning event, not waited for (see [`Self::write_aside`]).
+    fn warn_aside(&self, lock: &DistributedLock, reason: &'static str, note: String) {
+        let (recorder, object) = (self.recorder.clone(), object_ref(lock));
+        tokio::spawn(async move { events::warning(&recorder, &object, reason, note).await });
     }
 
     /// Runs one lock index call, timing it and counting its failure.
@@ -280,8 +288,9 @@ pub fn object_ref(lock: &DistributedLock) -> ObjectReference {
 
 pub fn error_policy(lock: Arc<DistributedLock>, error: &Error, ctx: Arc<Context>) -> Action {
     let retry = retry_after(&*lock, error, &ctx);
-    // a holder's lease runs on: its next try never comes later than a renewal period
-    if queue::phase(&lock) == Phase::Granted {
+    // a holder's lease runs on: its next try never comes later than a renewal
+    // period (also for a grant whose Granted status is not in the cache yet)
+    if queue::phase(&lock) == Phase::Granted || ctx.index.holds_unseen_grant(&lock) {
         let (_, period) = granted::lease_plan(&lock);
         let backoff = error.category().backoff();
         if period < backoff {
@@ -512,6 +521,15 @@ pub async fn finish(
     message: &str,
 ) -> Result<Action> {
     let key = queue::lock_key(lock);
+    let final_status = status::finished(lock, phase, reason, message);
+    // A copy that is not Granted may be stale behind a Granted status still
+    // on its way (a given-up write, a slow watch): its final status goes
+    // first, at its resourceVersion, so that either it lands — and that
+    // Granted write never can — or it is refused and nothing is released.
+    let written_first = queue::phase(lock) != Phase::Granted;
+    if written_first {
+        status::write(&ctx.client, lock, final_status.clone()).await?;
+    }
     let released = release_own(lock, ctx, &key).await?;
     match phase {
         Phase::Released if released => {
@@ -529,7 +547,9 @@ pub async fn finish(
         }
         _ => {}
     }
-    status::write(&ctx.client, lock, status::finished(lock, phase, reason, message)).await?;
+    if !written_first {
+        status::write(&ctx.client, lock, final_status).await?;
+    }
     wake_queue(ctx, &key, None, true);
     Ok(Action::await_change())
 }

@@ -253,6 +253,9 @@ pub fn scope_allowed(ctx: &Context, lock: &DistributedLock) -> Result<(), String
 /// Reconciles a Pending request.
 pub async fn reconcile(lock: Arc<DistributedLock>, ctx: &Context, key: &str) -> Result<Action> {
     let own_grant_unseen = ctx.index.holds_unseen_grant(&lock);
+    if own_grant_unseen && let Some(over) = unseen_grant_over(&lock, ctx, key).await? {
+        return Ok(over);
+    }
     let holder = if own_grant_unseen {
         // not read: the grant stands whatever the holder does (decide), and
         // the API server may not be answering
@@ -346,6 +349,35 @@ pub async fn reconcile(lock: Arc<DistributedLock>, ctx: &Context, key: &str) -> 
                 position: view.position,
             };
             acquire(lock, ctx, key, ask).await
+        }
+    }
+}
+
+/// A grant this controller made whose Granted status is not in the cache
+/// yet: its lease is extended first — never revived, as a same-token acquire
+/// would revive a lease that ran out — and the grant then stands (the caller
+/// re-acquires and writes Granted again, see [`decide`]). A lease that ran
+/// out ends the request Expired; one another owner holds puts it back in
+/// line as any waiter (`None` either way when the caller goes on deciding).
+async fn unseen_grant_over(lock: &DistributedLock, ctx: &Context, key: &str) -> Result<Option<Action>> {
+    let ttl = lock.spec.ttl().unwrap_or(crate::lock::DEFAULT_TTL);
+    let token = lock.uid().unwrap_or_default();
+    match ctx
+        .engine("extend", lock, ctx.locks.extend_lease(key, &token, ttl, None))
+        .await?
+    {
+        crate::lock::ExtendOutcome::Extended => Ok(None),
+        crate::lock::ExtendOutcome::Expired => {
+            ctx.index.forget_unseen_grant(lock);
+            ctx.metrics.expiries.inc();
+            let message = "the lease ran out before it could be renewed";
+            super::finish(lock, ctx, Phase::Expired, reason::EXPIRED, message)
+                .await
+                .map(Some)
+        }
+        crate::lock::ExtendOutcome::NotHeld => {
+            ctx.index.forget_unseen_grant(lock);
+            Ok(None)
         }
     }
 }
