@@ -65,8 +65,8 @@ pub fn managed_elsewhere(job: &Job) -> Option<String> {
     }
 }
 
-/// Decides the next step for a Job from the Job and its request (if any).
-pub fn next_step(job: &Job, request: Option<&DistributedLock>) -> GateStep {
+/// Decides the next step for a Job from the Job and its request (if any), at `now`.
+pub fn next_step(job: &Job, request: Option<&DistributedLock>, now: chrono::DateTime<chrono::Utc>) -> GateStep {
     if !job.annotations().contains_key(LOCK_ANNOTATION) || job_finished(job).is_some() {
         return GateStep::Nothing;
     }
@@ -79,11 +79,21 @@ pub fn next_step(job: &Job, request: Option<&DistributedLock>) -> GateStep {
         None => GateStep::WarnNotSuspended,
         Some(lock) => {
             let status = lock.status.clone().unwrap_or_default();
+            // a live lease only: a Granted status that landed late (a write
+            // the operator gave up on while the API server hung) may speak
+            // of a lease that already ran out; a live one is renewed, and
+            // its expiresAt moved, every quarter of its TTL
+            let live = status
+                .expires_at
+                .as_deref()
+                .and_then(crate::queue::parse_time)
+                .is_some_and(|expires| expires > now);
             match (status.phase, status.fencing_token) {
                 // started once for this grant (its token is on the Job): a user
                 // who suspends it again is not overruled
                 (Some(Phase::Granted), Some(fencing_token))
-                    if is_suspended(job)
+                    if live
+                        && is_suspended(job)
                         && job.annotations().get(FENCING_ANNOTATION) != Some(&fencing_token.to_string()) =>
                 {
                     GateStep::Start { fencing_token }
@@ -190,7 +200,7 @@ const REQUEST_ON_ITS_WAY: chrono::TimeDelta = chrono::TimeDelta::seconds(10);
 pub fn job_queued_ahead(ctx: &Context, key: &str, arrival: &crate::queue::Arrival) -> Option<String> {
     let now = chrono::Utc::now();
     ctx.jobs.state().into_iter().find_map(|job| {
-        if next_step(&job, None) != GateStep::CreateRequest {
+        if next_step(&job, None, chrono::Utc::now()) != GateStep::CreateRequest {
             return None;
         }
         let theirs = ctx.job_arrival(&job);
@@ -234,7 +244,7 @@ pub async fn reconcile_job(job: Arc<Job>, ctx: Arc<Context>) -> Result<Action, E
     let namespace = job.namespace().unwrap_or_default();
     let requests: Api<DistributedLock> = Api::namespaced(ctx.client.clone(), &namespace);
     let request = find_request(&requests, &job).await?;
-    match next_step(&job, request.as_ref()) {
+    match next_step(&job, request.as_ref(), chrono::Utc::now()) {
         GateStep::Nothing => {}
         GateStep::WarnNotSuspended => {
             let note = format!(
@@ -333,6 +343,10 @@ pub fn job_error_policy(job: Arc<Job>, error: &Error, ctx: Arc<Context>) -> Acti
 
 #[cfg(test)]
 mod tests {
+    fn at(time: &str) -> chrono::DateTime<chrono::Utc> {
+        crate::queue::parse_time(time).unwrap()
+    }
+
     use super::*;
     use crate::crd::DistributedLockStatus;
     use crate::fixtures;
@@ -343,13 +357,16 @@ mod tests {
 
     #[test]
     fn only_suspended_annotated_jobs_are_gated() {
-        assert_eq!(next_step(&job(&[], true), None), GateStep::Nothing);
         assert_eq!(
-            next_step(&job(&[(LOCK_ANNOTATION, "b")], true), None),
+            next_step(&job(&[], true), None, at("2026-11-28T12:00:00Z")),
+            GateStep::Nothing
+        );
+        assert_eq!(
+            next_step(&job(&[(LOCK_ANNOTATION, "b")], true), None, at("2026-11-28T12:00:00Z")),
             GateStep::CreateRequest
         );
         assert_eq!(
-            next_step(&job(&[(LOCK_ANNOTATION, "b")], false), None),
+            next_step(&job(&[(LOCK_ANNOTATION, "b")], false), None, at("2026-11-28T12:00:00Z")),
             GateStep::WarnNotSuspended
         );
     }
@@ -357,12 +374,19 @@ mod tests {
     #[test]
     fn jobs_another_controller_manages_are_never_gated() {
         let kueue = fixtures::job("q", &[(LOCK_ANNOTATION, "b")], &[(KUEUE_QUEUE_LABEL, "main")], true);
-        assert!(matches!(next_step(&kueue, None), GateStep::WarnManagedElsewhere(m) if m.contains("Kueue")));
+        assert!(
+            matches!(next_step(&kueue, None, at("2026-11-28T12:00:00Z")), GateStep::WarnManagedElsewhere(m) if m.contains("Kueue"))
+        );
         let mut managed = job(&[(LOCK_ANNOTATION, "b")], true);
         managed.spec.as_mut().unwrap().managed_by = Some("example.com/mine".into());
-        assert!(matches!(next_step(&managed, None), GateStep::WarnManagedElsewhere(m) if m.contains("managedBy")));
+        assert!(
+            matches!(next_step(&managed, None, at("2026-11-28T12:00:00Z")), GateStep::WarnManagedElsewhere(m) if m.contains("managedBy"))
+        );
         managed.spec.as_mut().unwrap().managed_by = Some(JOB_CONTROLLER.into());
-        assert_eq!(next_step(&managed, None), GateStep::CreateRequest);
+        assert_eq!(
+            next_step(&managed, None, at("2026-11-28T12:00:00Z")),
+            GateStep::CreateRequest
+        );
     }
 
     #[test]
@@ -370,21 +394,43 @@ mod tests {
         let j = job(&[(LOCK_ANNOTATION, "b")], true);
         let mut request = request_for(&j, "backup").unwrap();
         assert_eq!(
-            next_step(&j, Some(&request)),
+            next_step(&j, Some(&request), at("2026-11-28T12:00:00Z")),
             GateStep::Nothing,
             "pending: stay suspended"
         );
         request.status = Some(DistributedLockStatus {
             phase: Some(Phase::Granted),
             fencing_token: Some(7),
+            expires_at: Some("2026-11-28T12:00:30Z".into()),
             ..Default::default()
         });
-        assert_eq!(next_step(&j, Some(&request)), GateStep::Start { fencing_token: 7 });
+        assert_eq!(
+            next_step(&j, Some(&request), at("2026-11-28T12:00:31Z")),
+            GateStep::Nothing,
+            "a Granted status whose lease already ran out (landed late) starts nothing"
+        );
+        assert_eq!(
+            next_step(&j, Some(&request), at("2026-11-28T12:00:30Z")),
+            GateStep::Nothing
+        );
+        request.status.as_mut().unwrap().expires_at = None;
+        assert_eq!(
+            next_step(&j, Some(&request), at("2026-11-28T12:00:00Z")),
+            GateStep::Nothing
+        );
+        request.status.as_mut().unwrap().expires_at = Some("2026-11-28T12:00:30Z".into());
+        assert_eq!(
+            next_step(&j, Some(&request), at("2026-11-28T12:00:00Z")),
+            GateStep::Start { fencing_token: 7 }
+        );
         let started = job(&[(LOCK_ANNOTATION, "b"), (FENCING_ANNOTATION, "7")], false);
-        assert_eq!(next_step(&started, Some(&request)), GateStep::Nothing);
+        assert_eq!(
+            next_step(&started, Some(&request), at("2026-11-28T12:00:00Z")),
+            GateStep::Nothing
+        );
         let suspended_again = job(&[(LOCK_ANNOTATION, "b"), (FENCING_ANNOTATION, "7")], true);
         assert_eq!(
-            next_step(&suspended_again, Some(&request)),
+            next_step(&suspended_again, Some(&request), at("2026-11-28T12:00:00Z")),
             GateStep::Nothing,
             "a user's re-suspend is respected"
         );
