@@ -14,7 +14,7 @@
 mod common;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::chaos::testenv;
@@ -39,7 +39,7 @@ impl Drop for ResumeOnDrop {
 /// Requests on `lock_id` (scope Cluster) with 1 s leases, one after
 /// another, each deleted soon after its grant (or after 5 s without one), a
 /// third of them at once; API errors are retried.
-async fn churn(t: Arc<Setup>, client: usize, lock_id: String, stop: Arc<AtomicBool>) {
+async fn churn(t: Arc<Setup>, client: usize, lock_id: String, stop: Arc<AtomicBool>, grants: Arc<AtomicUsize>) {
     let mut i = 0;
     while !stop.load(Ordering::Relaxed) {
         i += 1;
@@ -63,6 +63,7 @@ async fn churn(t: Arc<Setup>, client: usize, lock_id: String, stop: Arc<AtomicBo
         while Instant::now() < deadline && !stop.load(Ordering::Relaxed) {
             let granted = t.api.get_opt(&name).await.ok().flatten().and_then(|l| phase_of(&l));
             if granted == Some(Phase::Granted) {
+                grants.fetch_add(1, Ordering::Relaxed);
                 break;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -140,8 +141,12 @@ async fn leases_outlive_a_hung_api_server_and_new_requests_are_served_after_it()
     let stop = Arc::new(AtomicBool::new(false));
     // contention on two keys through the pause: four CRD clients, two exec clients
     let churn_keys = [0, 1].map(|k| format!("{}-churn{k}", t.run));
+    let grants = Arc::new(AtomicUsize::new(0));
     let churners: Vec<_> = (0..4)
-        .map(|c| tokio::spawn(churn(t.clone(), c, churn_keys[c % 2].clone(), stop.clone())))
+        .map(|c| {
+            let key = churn_keys[c % 2].clone();
+            tokio::spawn(churn(t.clone(), c, key, stop.clone(), grants.clone()))
+        })
         .collect();
     let execs: Vec<_> = churn_keys
         .iter()
@@ -150,7 +155,11 @@ async fn leases_outlive_a_hung_api_server_and_new_requests_are_served_after_it()
             std::thread::spawn(move || exec_loop(key, stop))
         })
         .collect();
-    tokio::time::sleep(Duration::from_secs(2)).await; // some churn before the pause
+    // the pause comes while the churn is under way (grants handed out)
+    common::eventually("churn grants before the pause", common::WAIT, || async {
+        (grants.load(Ordering::Relaxed) >= 4).then_some(())
+    })
+    .await;
 
     let _resume = ResumeOnDrop;
     testenv(&["pause", "apiserver"]);

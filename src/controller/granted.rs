@@ -113,7 +113,7 @@ pub async fn reconcile(lock: Arc<DistributedLock>, ctx: &Context, key: &str) -> 
 /// The holder of a request that holds a lease renewed every `period`, read
 /// with half a period to answer: the renewal after it still comes long before
 /// the lease runs out. Unread, it is taken to still run ([`kept_unread`]).
-pub(super) async fn lease_holder(ctx: &Context, lock: &DistributedLock, period: Duration) -> HolderState {
+async fn lease_holder(ctx: &Context, lock: &DistributedLock, period: Duration) -> HolderState {
     match holder::within(period / 2, holder::fetch(&ctx.client, lock)).await {
         Ok(state) => state,
         Err(unread) => {
@@ -130,8 +130,7 @@ pub(super) fn kept_unread(ctx: &Context, lock: &DistributedLock, unread: &holder
     tracing::warn!(name = %lock.name_any(), error = %unread, "cannot read the holder; keeping its lock renewed");
     if let holder::Unread::Failed(e) = unread {
         let note = format!("cannot read its holder ({e}); the lock is kept and renewed until it can");
-        let (recorder, object) = (ctx.recorder.clone(), super::object_ref(lock));
-        tokio::spawn(async move { super::events::warning(&recorder, &object, reason::HOLDER_UNREADABLE, note).await });
+        ctx.warn_aside(lock, reason::HOLDER_UNREADABLE, note);
     }
 }
 

@@ -139,7 +139,7 @@ impl Context {
     }
 
     /// A Warning event, not waited for (see [`Self::write_aside`]).
-    fn warn_aside(&self, lock: &DistributedLock, reason: &'static str, note: String) {
+    pub fn warn_aside(&self, lock: &DistributedLock, reason: &'static str, note: String) {
         let (recorder, object) = (self.recorder.clone(), object_ref(lock));
         tokio::spawn(async move { events::warning(&recorder, &object, reason, note).await });
     }
