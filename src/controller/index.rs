@@ -50,6 +50,10 @@ pub struct QueueIndex {
     /// Requests (by UID) this controller granted whose Granted status the
     /// cache does not show yet.
     unseen_grants: Mutex<HashMap<String, UnseenGrant>>,
+    /// Requests (by UID) this controller wrote to lately (arrival, finalizer,
+    /// a waiter's or a final status), with the resourceVersion of the last
+    /// such write, until the cache shows it.
+    written_rv: Mutex<HashMap<String, u64>>,
     /// When each key was last granted here.
     granted_at: RecentByKey,
     /// Told of every grant.
@@ -151,6 +155,11 @@ impl QueueIndex {
             if unseen.get(&uid).is_some_and(|grant| grant.seen_in(lock, rv)) {
                 unseen.remove(&uid);
             }
+            drop(unseen);
+            let mut written = locked(&self.written_rv);
+            if written.get(&uid).is_some_and(|last| rv >= *last) {
+                written.remove(&uid);
+            }
         }
         // a listed version that already carries our finalizer may be of a
         // predecessor's making, no sighting of the request's arrival (see
@@ -183,6 +192,7 @@ impl QueueIndex {
             locked(&self.released_uids).remove(&uid);
             locked(&self.place_deferred).remove(&uid);
             locked(&self.unseen_grants).remove(&uid);
+            locked(&self.written_rv).remove(&uid);
         }
         remove_filing(&mut locked(&self.entries), &ObjectRef::from_obj(lock));
     }
@@ -318,6 +328,33 @@ impl QueueIndex {
         None
     }
 
+    /// Notes that this controller's write to `lock` (not a grant's or a
+    /// renewal's: see [`Self::wrote_grant`]) made resourceVersion `rv`.
+    pub fn wrote(&self, lock: &DistributedLock, rv: Option<&str>) {
+        if let (Some(uid), Some(rv)) = (lock.uid(), rv.and_then(|rv| rv.parse::<u64>().ok())) {
+            let mut written = locked(&self.written_rv);
+            let last = written.entry(uid).or_insert(rv);
+            *last = (*last).max(rv);
+        }
+    }
+
+    /// True when the cache still shows a copy older than this controller's
+    /// last [`Self::wrote`] to the request: deciding on it would redo what
+    /// that write did (record the arrival again, add the finalizer again and
+    /// be refused, write a status that is refused as stale); the newer copy
+    /// is on its way and triggers the next reconcile. Never true for a copy
+    /// that is Granted or whose grant is not seen yet: their leases are kept
+    /// by [`Self::behind_own_grant`]'s rule, which bounds the wait.
+    pub fn behind_own_write(&self, lock: &DistributedLock) -> bool {
+        let (Some(uid), Some(rv)) = (lock.uid(), resource_version(lock)) else {
+            return false;
+        };
+        if queue::phase(lock) == crate::crd::Phase::Granted || self.holds_unseen_grant(lock) {
+            return false;
+        }
+        locked(&self.written_rv).get(&uid).is_some_and(|last| rv < *last)
+    }
+
     /// The grant this controller made to `lock` is gone from the lock index
     /// (a re-acquire found the key held by another or not ours to take): the
     /// request is decided on as any waiter again.
@@ -436,6 +473,42 @@ mod tests {
         let landed = crate::fixtures::with_phase(request("b", "ns", "k", 0, 1, 13), Phase::Granted, None);
         index.observe(&watcher::Event::Apply(landed));
         assert!(!index.holds_unseen_grant(&other));
+    }
+
+    #[test]
+    fn copies_from_before_our_last_write_are_behind_until_the_cache_shows_it() {
+        let index = QueueIndex::default();
+        let created = request("a", "ns", "k", 0, 1, 10);
+        index.observe(&watcher::Event::Apply(created.clone()));
+        assert!(!index.behind_own_write(&created), "nothing written yet");
+        // arrival recorded (11), then the finalizer (12): 10 and 11 are behind
+        index.wrote(&created, Some("11"));
+        index.wrote(&created, Some("12"));
+        index.wrote(&created, Some("not a number"));
+        let arrived = request("a", "ns", "k", 0, 1, 11);
+        assert!(index.behind_own_write(&created));
+        assert!(index.behind_own_write(&arrived));
+        // a write answered out of order never moves the mark back
+        index.wrote(&created, Some("11"));
+        let finalized = request("a", "ns", "k", 0, 1, 12);
+        assert!(!index.behind_own_write(&finalized));
+        // a Granted copy, or one whose grant is not seen yet, is never
+        // skipped here: its lease must be kept
+        let granted = crate::fixtures::with_phase(request("a", "ns", "k", 0, 1, 11), Phase::Granted, None);
+        assert!(!index.behind_own_write(&granted));
+        let now = Instant::now();
+        index.gave_up_grant_write(&arrived, now, Duration::from_secs(1));
+        assert!(!index.behind_own_write(&arrived));
+        index.forget_unseen_grant(&arrived);
+        assert!(index.behind_own_write(&arrived));
+        // once the cache shows it, nothing is behind any more
+        index.observe(&watcher::Event::Apply(finalized));
+        assert!(!index.behind_own_write(&arrived));
+        // another request is not affected; a deleted one is forgotten
+        index.wrote(&created, Some("20"));
+        assert!(!index.behind_own_write(&request("b", "ns", "k", 0, 1, 13)));
+        index.observe(&watcher::Event::Delete(created.clone()));
+        assert!(!index.behind_own_write(&created));
     }
 
     #[test]

@@ -68,6 +68,11 @@ pub struct Context {
     pub permit_holders: Mutex<std::collections::HashMap<String, crate::lock::Semaphore>>,
 }
 
+/// How soon a reconcile skipped for a copy older than our own last write
+/// ([`index::QueueIndex::behind_own_write`]) looks again if the watch has not
+/// brought the newer copy by then (which triggers it at once).
+const BEHIND_OWN_WRITE_RETRY: Duration = Duration::from_millis(100);
+
 impl Context {
     /// Runs one lock index call: times it, counts failures, and keeps the
     /// index's health (readiness, the waiters' IndexReachable condition) current.
@@ -136,6 +141,20 @@ impl Context {
                 tracing::debug!(error = %e, failed);
             }
         });
+    }
+
+    /// Writes `lock`'s status ([`status::write`]) and notes the write, so
+    /// that copies from before it are not decided on again
+    /// ([`index::QueueIndex::behind_own_write`]). Not for a Granted status
+    /// or a renewal: a stale copy of a holder must still renew.
+    pub async fn write_status(
+        &self,
+        lock: &DistributedLock,
+        next: crate::crd::DistributedLockStatus,
+    ) -> Result<Option<String>> {
+        let written = status::write(&self.client, lock, next).await?;
+        self.index.wrote(lock, written.as_deref());
+        Ok(written)
     }
 
     /// A Warning event, not waited for (see [`Self::write_aside`]).
@@ -341,6 +360,12 @@ pub async fn reconcile(lock: Arc<DistributedLock>, ctx: Arc<Context>) -> Result<
     if let Some(wait) = ctx.index.behind_own_grant(&lock, Instant::now()) {
         return Ok(Action::requeue(wait));
     }
+    // a copy from before our own last write: the newer one is on its way
+    // (and should the watch be slow to bring it, a timer that fired on this
+    // copy — a poll, a deadline — is not lost: look again soon)
+    if ctx.index.behind_own_write(&lock) {
+        return Ok(Action::requeue(BEHIND_OWN_WRITE_RETRY));
+    }
     let api: Api<DistributedLock> = Api::namespaced(ctx.client.clone(), &namespace);
     if lock.metadata.deletion_timestamp.is_none() && !lock.finalizers().iter().any(|f| f == FINALIZER) {
         return arrive(&Api::namespaced(ctx.client.clone(), &namespace), &lock, &ctx).await;
@@ -376,14 +401,14 @@ async fn arrive(api: &Api<raw::RawRequest>, lock: &DistributedLock, ctx: &Contex
     let version = if queue::Arrival::recorded(lock).is_some() || alone_on_its_key(lock, ctx) {
         lock.resource_version()
     } else {
-        match status::write(&ctx.client, lock, status::arrived(lock, &ctx.arrival(lock))).await {
+        match ctx.write_status(lock, status::arrived(lock, &ctx.arrival(lock))).await {
             Ok(version) => version,
             // a newer copy is on its way and triggers the next reconcile
             Err(Error::Stale) => return Ok(Action::await_change()),
             Err(e) => return Err(e),
         }
     };
-    add_finalizer(api, lock, version).await
+    add_finalizer(api, lock, version, ctx).await
 }
 
 /// No other live request of this cluster uses `lock`'s key, and no
@@ -403,7 +428,12 @@ fn alone_on_its_key(lock: &DistributedLock, ctx: &Context) -> bool {
 /// Adds the release finalizer in one compare-and-swap write (at `version`,
 /// the resourceVersion of our copy), so a stale copy never overwrites
 /// someone's finalizers.
-async fn add_finalizer(api: &Api<raw::RawRequest>, lock: &DistributedLock, version: Option<String>) -> Result<Action> {
+async fn add_finalizer(
+    api: &Api<raw::RawRequest>,
+    lock: &DistributedLock,
+    version: Option<String>,
+    ctx: &Context,
+) -> Result<Action> {
     let mut finalizers = lock.finalizers().to_vec();
     finalizers.push(FINALIZER.to_string());
     let patch = Patch::Merge(json!({
@@ -411,7 +441,10 @@ async fn add_finalizer(api: &Api<raw::RawRequest>, lock: &DistributedLock, versi
     }));
     match api.patch(&lock.name_any(), &PatchParams::default(), &patch).await {
         // The write itself triggers the next reconcile.
-        Ok(_) => Ok(Action::await_change()),
+        Ok(written) => {
+            ctx.index.wrote(lock, written.metadata.resource_version.as_deref());
+            Ok(Action::await_change())
+        }
         // We acted on a stale copy: the newer one is on its way and triggers
         // the next reconcile, so there is nothing to retry.
         Err(kube::Error::Api(s)) if s.code == 409 => Ok(Action::await_change()),
@@ -528,7 +561,7 @@ pub async fn finish(
     // Granted write never can — or it is refused and nothing is released.
     let written_first = queue::phase(lock) != Phase::Granted;
     if written_first {
-        status::write(&ctx.client, lock, final_status.clone()).await?;
+        ctx.write_status(lock, final_status.clone()).await?;
     }
     let released = release_own(lock, ctx, &key).await?;
     match phase {
@@ -548,7 +581,7 @@ pub async fn finish(
         _ => {}
     }
     if !written_first {
-        status::write(&ctx.client, lock, final_status).await?;
+        ctx.write_status(lock, final_status).await?;
     }
     wake_queue(ctx, &key, None, true);
     Ok(Action::await_change())

@@ -436,7 +436,7 @@ async fn wait(
         return Ok(Some(later));
     }
     let moved = lock.status.as_ref().and_then(|s| s.waiting_position) != next.waiting_position;
-    status::write(&ctx.client, lock, next).await?;
+    ctx.write_status(lock, next).await?;
     ctx.index.place_written(lock);
     if moved && let Some(job) = ctx.gating_job(lock) {
         let job_ref = kube::Resource::object_ref(job.as_ref(), &());
@@ -827,7 +827,7 @@ async fn held_elsewhere(
         &message,
         &ctx.index_health(),
     );
-    status::write(&ctx.client, lock, next).await?;
+    ctx.write_status(lock, next).await?;
     ctx.index.place_written(lock);
     let retry = retry.clamp(Duration::from_millis(20), ctx.max_retry_interval);
     Ok(Action::requeue(deadline.map_or(retry, |d| d.min(retry))))
