@@ -648,10 +648,14 @@ fn leaving_holder_here(ctx: &Context, key: &str, lock: &DistributedLock) -> bool
     })
 }
 
-/// A waiting request whose token holds its key: a grant it was never told of
-/// (the controller stopped between acquiring and writing Granted, and the
-/// request is no longer the head). The API server confirms it is still not
-/// Granted — no holder can have been told — before the grant is given back.
+/// A waiting request whose token holds its key: a grant it was never told
+/// of (the controller stopped between acquiring and writing Granted, or gave
+/// up a Granted write the API server had not answered, and the request is no
+/// longer the head). The API server confirms it is still not Granted, and a
+/// status write on that very copy (carrying its resourceVersion) makes sure
+/// it stays so: a Granted write still on its way — from before a restart, or
+/// given up — carries an older resourceVersion and is refused from then on.
+/// Only then is the grant given back: no holder can have been told.
 async fn give_back_untold_grant(lock: &DistributedLock, ctx: &Context, key: &str) -> Result<()> {
     let api: Api<super::raw::RawRequest> = Api::namespaced(ctx.client.clone(), &lock.namespace().unwrap_or_default());
     let Some(fresh) = api.get_opt(&lock.name_any()).await.map_err(Error::Kube)? else {
@@ -662,6 +666,18 @@ async fn give_back_untold_grant(lock: &DistributedLock, ctx: &Context, key: &str
     };
     if fresh.uid() != lock.uid() || queue::phase(&fresh) == Phase::Granted {
         return Ok(());
+    }
+    let fence = status::returning_untold_grant(&fresh, Utc::now());
+    if let Err(e) = ctx.write_status(&fresh, fence).await {
+        // not fenced (the request changed, perhaps a Granted write landed):
+        // the next reconcile decides on the fresh copy and looks again
+        if let Some(uid) = lock.uid() {
+            ctx.index.suspect_untold_grant(&uid);
+        }
+        return match e {
+            Error::Stale => Ok(()),
+            e => Err(e),
+        };
     }
     if let Some(token) = lock.uid()
         && ctx.engine("release", lock, ctx.locks.release(key, &token)).await?

@@ -166,6 +166,30 @@ pub fn finished(lock: &DistributedLock, phase: Phase, reason: &str, message: &st
     next
 }
 
+/// The status a waiting request is given before a grant it was never told
+/// of is given back: the request's own status with a Granted condition
+/// message that names the moment (to the millisecond), so the write always
+/// changes the object. The write is what makes the give-back safe: a Granted
+/// write still on its way carries an older resourceVersion and is refused
+/// once this one has landed.
+pub fn returning_untold_grant(lock: &DistributedLock, now: DateTime<Utc>) -> DistributedLockStatus {
+    let mut next = lock.status.clone().unwrap_or_default();
+    next.phase = Some(next.phase.filter(|p| *p != Phase::Granted).unwrap_or(Phase::Pending));
+    let mut message = format!(
+        "giving back a grant this request was never told of ({}); waiting again",
+        rfc3339(now)
+    );
+    if next
+        .conditions
+        .iter()
+        .any(|c| c.type_ == GRANTED && c.message == message)
+    {
+        message.push_str(" (again)");
+    }
+    set_condition(&mut next, lock, GRANTED, false, reason::WAITING, &message);
+    next
+}
+
 /// The current status with the IndexReachable condition set to `index`.
 pub fn with_index_health(lock: &DistributedLock, index: &IndexHealth) -> DistributedLockStatus {
     let mut next = lock.status.clone().unwrap_or_default();
@@ -355,5 +379,33 @@ mod tests {
         let waiting = pending(&lock, &arrival, 3, reason::WAITING, "3rd", &down);
         let c = waiting.conditions.iter().find(|c| c.type_ == INDEX_REACHABLE).unwrap();
         assert_eq!((c.status.as_str(), c.reason.as_str()), ("False", "IndexUnreachable"));
+    }
+
+    #[test]
+    fn returning_an_untold_grant_always_changes_the_request_and_keeps_it_waiting() {
+        let mut lock = request("a", "ns", "k", 0, 10, 42);
+        let arrival = Arrival::observed(&lock, None);
+        lock.status = Some(pending(
+            &lock,
+            &arrival,
+            2,
+            reason::WAITING,
+            "2nd",
+            &IndexHealth::Reachable,
+        ));
+        let first = returning_untold_grant(&lock, at(5));
+        assert_ne!(
+            lock.status.as_ref(),
+            Some(&first),
+            "the fencing write must change the object"
+        );
+        assert_eq!(first.phase, Some(Phase::Pending));
+        assert_eq!(first.queue_sequence, lock.status.as_ref().unwrap().queue_sequence);
+        // a second give-back in the same millisecond still changes it
+        lock.status = Some(first.clone());
+        let second = returning_untold_grant(&lock, at(5));
+        assert_ne!(first, second);
+        lock.status = None;
+        assert_eq!(returning_untold_grant(&lock, at(5)).phase, Some(Phase::Pending));
     }
 }
