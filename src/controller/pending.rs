@@ -307,8 +307,10 @@ pub async fn reconcile(lock: Arc<DistributedLock>, ctx: &Context, key: &str) -> 
             message,
             recheck,
         } => {
-            if ctx.index.take_untold_grant(&lock) {
-                give_back_untold_grant(&lock, ctx, key).await?;
+            // given back: the fencing write made this copy stale, and the
+            // newer one triggers the next reconcile (which writes its place)
+            if ctx.index.take_untold_grant(&lock) && give_back_untold_grant(&lock, ctx, key).await? {
+                return Ok(Action::requeue(recheck));
             }
             let recheck = match reason {
                 // a Semaphore being deleted: the key turns into a mutex soon
@@ -655,17 +657,18 @@ fn leaving_holder_here(ctx: &Context, key: &str, lock: &DistributedLock) -> bool
 /// status write on that very copy (carrying its resourceVersion) makes sure
 /// it stays so: a Granted write still on its way — from before a restart, or
 /// given up — carries an older resourceVersion and is refused from then on.
-/// Only then is the grant given back: no holder can have been told.
-async fn give_back_untold_grant(lock: &DistributedLock, ctx: &Context, key: &str) -> Result<()> {
+/// Only then is the grant given back: no holder can have been told. True
+/// when that status was written (and the grant given back, if still held).
+async fn give_back_untold_grant(lock: &DistributedLock, ctx: &Context, key: &str) -> Result<bool> {
     let api: Api<super::raw::RawRequest> = Api::namespaced(ctx.client.clone(), &lock.namespace().unwrap_or_default());
     let Some(fresh) = api.get_opt(&lock.name_any()).await.map_err(Error::Kube)? else {
-        return Ok(());
+        return Ok(false);
     };
     let Ok(fresh) = fresh.decode() else {
-        return Ok(());
+        return Ok(false);
     };
     if fresh.uid() != lock.uid() || queue::phase(&fresh) == Phase::Granted {
-        return Ok(());
+        return Ok(false);
     }
     let fence = status::returning_untold_grant(&fresh, Utc::now());
     if let Err(e) = ctx.write_status(&fresh, fence).await {
@@ -675,7 +678,7 @@ async fn give_back_untold_grant(lock: &DistributedLock, ctx: &Context, key: &str
             ctx.index.suspect_untold_grant(&uid);
         }
         return match e {
-            Error::Stale => Ok(()),
+            Error::Stale => Ok(false),
             e => Err(e),
         };
     }
@@ -686,7 +689,7 @@ async fn give_back_untold_grant(lock: &DistributedLock, ctx: &Context, key: &str
         ctx.index.mark_released(key, None);
         super::wake_queue(ctx, key, Some(lock), true);
     }
-    Ok(())
+    Ok(true)
 }
 
 /// The semaphore's permits are in use (as the lock index says, with holders
