@@ -364,6 +364,7 @@ pub async fn reconcile(lock: Arc<DistributedLock>, ctx: Arc<Context>) -> Result<
     // (and should the watch be slow to bring it, a timer that fired on this
     // copy — a poll, a deadline — is not lost: look again soon)
     if ctx.index.behind_own_write(&lock) {
+        tracing::debug!(name = %lock.name_any(), version = ?lock.resource_version(), "a copy older than our own last write: waiting for the newer one");
         return Ok(Action::requeue(BEHIND_OWN_WRITE_RETRY));
     }
     let api: Api<DistributedLock> = Api::namespaced(ctx.client.clone(), &namespace);
