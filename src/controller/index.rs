@@ -151,11 +151,11 @@ impl QueueIndex {
     /// `live`: delivered by the watch as it happened, not by a (re)list.
     fn file(&self, lock: &DistributedLock, live: bool) {
         if let (Some(uid), Some(rv)) = (lock.uid(), resource_version(lock)) {
-            let mut unseen = locked(&self.unseen_grants);
-            if unseen.get(&uid).is_some_and(|grant| grant.seen_in(lock, rv)) {
-                unseen.remove(&uid);
-            }
-            drop(unseen);
+            // (an unseen grant's mark is not dropped here but by the first
+            // reconcile whose copy shows the grant, holds_unseen_grant: this
+            // hook runs before the store has the copy, and a reconcile
+            // reading the store in between saw a stale Pending copy with no
+            // mark and re-acquired, reviving a lease that had run out)
             let mut written = locked(&self.written_rv);
             if written.get(&uid).is_some_and(|last| rv >= *last) {
                 written.remove(&uid);
@@ -319,6 +319,7 @@ impl QueueIndex {
         let mut unseen = locked(&self.unseen_grants);
         let grant = unseen.get_mut(&uid)?;
         if grant.seen_in(lock, rv) {
+            unseen.remove(&uid);
             return None;
         }
         if now < grant.renewal {
@@ -364,11 +365,22 @@ impl QueueIndex {
         }
     }
 
-    /// True while a grant this controller made to `lock` is not in the cache
-    /// yet ([`Self::wrote_grant`]): its reconciles keep its lease alive.
+    /// True while a grant this controller made to `lock` is not shown by
+    /// this copy of it ([`Self::wrote_grant`]): its reconciles keep its lease
+    /// alive. A copy that shows it drops the mark.
     pub fn holds_unseen_grant(&self, lock: &DistributedLock) -> bool {
-        lock.uid()
-            .is_some_and(|uid| locked(&self.unseen_grants).contains_key(&uid))
+        let (Some(uid), Some(rv)) = (lock.uid(), resource_version(lock)) else {
+            return false;
+        };
+        let mut unseen = locked(&self.unseen_grants);
+        match unseen.get(&uid) {
+            Some(grant) if grant.seen_in(lock, rv) => {
+                unseen.remove(&uid);
+                false
+            }
+            Some(_) => true,
+            None => false,
+        }
     }
 
     /// Notes that this controller released `lock`'s grant of `key` just now.
@@ -459,10 +471,16 @@ mod tests {
         // re-acquires), then the next renewal is waited for
         assert_eq!(index.behind_own_grant(&pending, t0 + period), None);
         assert_eq!(index.behind_own_grant(&pending, t0 + period), Some(period));
-        // the Granted copy arrives: nothing is behind any more
+        // the Granted copy arrives: while the store may still hand out the
+        // stale copy, that copy still holds the unseen grant (a reconcile
+        // reading it must not take it for a plain waiter: it would acquire
+        // again and could revive a lease that ran out); the Granted copy
+        // shows it, and the mark is gone
         let granted = crate::fixtures::with_phase(request("a", "ns", "k", 0, 1, 11), Phase::Granted, None);
-        index.observe(&watcher::Event::Apply(granted));
-        assert_eq!(index.behind_own_grant(&pending, t0), None);
+        index.observe(&watcher::Event::Apply(granted.clone()));
+        assert!(index.holds_unseen_grant(&pending));
+        assert_eq!(index.behind_own_grant(&granted, t0), None);
+        assert!(!index.holds_unseen_grant(&granted));
         assert!(!index.holds_unseen_grant(&pending));
         // a write given up is seen once a copy shows the request Granted
         let other = request("b", "ns", "k", 0, 1, 12);
@@ -471,7 +489,8 @@ mod tests {
         index.observe(&watcher::Event::Apply(other.clone()));
         assert!(index.holds_unseen_grant(&other), "a Pending copy does not show it");
         let landed = crate::fixtures::with_phase(request("b", "ns", "k", 0, 1, 13), Phase::Granted, None);
-        index.observe(&watcher::Event::Apply(landed));
+        index.observe(&watcher::Event::Apply(landed.clone()));
+        assert!(!index.holds_unseen_grant(&landed));
         assert!(!index.holds_unseen_grant(&other));
     }
 
