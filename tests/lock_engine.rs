@@ -750,6 +750,71 @@ async fn a_retried_acquire_with_the_same_token_keeps_its_fencing_token() {
     );
 }
 
+/// The operator's token is the request's UID, so one token can be granted
+/// twice: a renewal of the first grant must not extend (or stamp its fencing
+/// token on) the second, made after another owner held the key.
+#[tokio::test]
+async fn a_renewal_extends_only_the_grant_it_names() {
+    let Some(url) = common::es_url() else { return };
+    let client = client(&url);
+    let id = common::unique("extend-names-grant");
+    let mine = AcquireRequest::new(&id, Duration::from_secs(1), json!({}));
+    let first = client.try_acquire(&mine).await.unwrap().unwrap();
+    until_expired(&client, &id).await;
+    let between = must_acquire(&client, &id, Duration::from_secs(30)).await;
+    assert!(client.release(&id, &between.token).await.unwrap());
+    let mine = AcquireRequest {
+        ttl: Duration::from_secs(30),
+        ..mine
+    };
+    let second = client.try_acquire(&mine).await.unwrap().unwrap();
+    assert_eq!(second.token, first.token);
+    assert!(second.fencing_token > between.fencing_token);
+    let before = client.get(&id).await.unwrap().unwrap();
+
+    let outcome = client
+        .extend_lease(&id, &first.token, Duration::from_secs(60), Some(first.fencing_token))
+        .await
+        .unwrap();
+    assert_eq!(outcome, ExtendOutcome::Expired, "the first grant is over");
+    let after = client.get(&id).await.unwrap().unwrap();
+    assert_eq!(
+        after.fencing_token, second.fencing_token,
+        "the old fencing token is not stamped on"
+    );
+    assert_eq!(after.expires_at, before.expires_at, "the second grant is not extended");
+
+    // the second grant renews (pinning its token), and then the first is
+    // refused against the stored token too
+    for _ in 0..2 {
+        let outcome = client
+            .extend_lease(&id, &second.token, Duration::from_secs(60), Some(second.fencing_token))
+            .await
+            .unwrap();
+        assert_eq!(outcome, ExtendOutcome::Extended);
+    }
+    assert_eq!(
+        client.get(&id).await.unwrap().unwrap().fencing_token,
+        second.fencing_token
+    );
+    let outcome = client
+        .extend_lease(&id, &first.token, Duration::from_secs(60), Some(first.fencing_token))
+        .await
+        .unwrap();
+    assert_eq!(outcome, ExtendOutcome::Expired);
+    // without a fencing token (the CLI's path) the token's current grant renews
+    assert!(
+        client
+            .extend(&id, &first.token, Duration::from_secs(60), None)
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        client.get(&id).await.unwrap().unwrap().fencing_token,
+        second.fencing_token
+    );
+}
+
 #[tokio::test]
 async fn overlapping_prefixes_coexist_on_one_cluster() {
     let Some(url) = common::es_url() else { return };

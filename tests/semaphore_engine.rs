@@ -443,6 +443,18 @@ async fn release_and_extend_work_on_semaphore_holders() {
         extended.fencing_token, a.fencing_token,
         "extending keeps the fencing token"
     );
+    // a renewal names its grant: another fencing token under a's token
+    // (the same token granted again) is not extended
+    assert_eq!(
+        client
+            .extend_lease(&id, &a.token, Duration::from_secs(120), Some(b.fencing_token))
+            .await
+            .unwrap(),
+        ExtendOutcome::Expired
+    );
+    let unchanged = client.semaphore_get(&id).await.unwrap().unwrap();
+    let unchanged = unchanged.holders.iter().find(|h| h.token == a.token).unwrap();
+    assert_eq!(unchanged.expires_at, extended.expires_at);
     assert_eq!(
         client.extend_lease(&id, "someone-else", LONG, None).await.unwrap(),
         ExtendOutcome::NotHeld

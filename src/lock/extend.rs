@@ -7,7 +7,7 @@ use std::time::Duration;
 use elasticsearch::http::StatusCode;
 use serde_json::{Value, json};
 
-use super::client::{CAS_ROUNDS, LockClient};
+use super::client::{CAS_ROUNDS, LockClient, answer_version};
 use super::error::LockError;
 use super::ids::validate_lock_id;
 use super::model::{ExtendOutcome, implied_fencing, validate_ttl};
@@ -18,9 +18,11 @@ use super::transport::expect_success;
 impl LockClient {
     /// Moves `expiresAt` to now + ttl if `token` holds the lock and its lease
     /// has not run out by the engine's clock (an expired lease is not revived).
-    /// `fencing_token` is the grant's, when the caller knows it (it keeps
-    /// `get` reporting the grant's token after the extension; a semaphore
-    /// holder's is stored and needs no help).
+    /// `fencing_token` is the grant's, when the caller knows it: only that
+    /// grant is extended (the same token granted again since, under another
+    /// fencing token, reads as this grant having expired), and `get` keeps
+    /// reporting it after the extension. A semaphore holder's is stored with
+    /// it and checked the same way.
     #[tracing::instrument(skip(self, token))]
     pub async fn extend_lease(
         &self,
@@ -31,8 +33,10 @@ impl LockClient {
     ) -> Result<ExtendOutcome, LockError> {
         validate_lock_id(lock_id)?;
         let ttl_ms = validate_ttl(ttl)?;
-        self.index_state().await?;
-        let result = self.extend_in(lock_id, token, ttl_ms, fencing_token).await;
+        let state = self.index_state().await?;
+        let result = self
+            .extend_in(lock_id, token, ttl_ms, fencing_token, state.fencing_floor)
+            .await;
         self.forget_if_unproven(result).await
     }
 
@@ -42,34 +46,52 @@ impl LockClient {
         token: &str,
         ttl_ms: u64,
         fencing_token: Option<u64>,
+        floor: u64,
     ) -> Result<ExtendOutcome, LockError> {
-        if let Some(fencing) = fencing_token {
-            return self.extend_once(lock_id, token, ttl_ms, Some(fencing), None).await;
-        }
-        // The caller does not know the fencing token: read it, then extend only
-        // if nothing wrote the document in between (compare-and-swap).
+        // `pin`: the write this extension is made against (if_seq_no), when
+        // the grant's fencing token is still implied by the `_seq_no` and the
+        // extension stores it.
+        let mut pin: Option<(u64, u64)> = None;
         for _ in 0..CAS_ROUNDS {
-            let Some(stored) = self.read_source("extend", lock_id).await? else {
-                return Ok(ExtendOutcome::NotHeld);
+            let fencing = match fencing_token {
+                Some(known) => Some(known),
+                // The caller does not know the fencing token: read it, then
+                // extend only if nothing wrote the document in between.
+                None => {
+                    let Some(stored) = self.read_source("extend", lock_id).await? else {
+                        return Ok(ExtendOutcome::NotHeld);
+                    };
+                    if semaphore_limit(&stored.source).is_some() {
+                        // a holder's fencing token is stored with it: nothing to pin
+                        None
+                    } else if stored.source["token"] != token {
+                        return Ok(ExtendOutcome::NotHeld);
+                    } else {
+                        pin = Some((stored.seq_no, stored.primary_term));
+                        Some(match stored.source["fencingToken"].as_u64() {
+                            Some(stored) => stored,
+                            None => implied_fencing(stored.fencing_floor, stored.seq_no),
+                        })
+                    }
+                }
             };
-            if semaphore_limit(&stored.source).is_some() {
-                // a holder's fencing token is stored with it: nothing to pin
-                return self.extend_once(lock_id, token, ttl_ms, None, None).await;
-            }
-            if stored.source["token"] != token {
-                return Ok(ExtendOutcome::NotHeld);
-            }
-            let fencing = match stored.source["fencingToken"].as_u64() {
-                Some(stored) => stored,
-                None => implied_fencing(stored.fencing_floor, stored.seq_no),
-            };
-            let version = (stored.seq_no, stored.primary_term);
-            match self
-                .extend_once(lock_id, token, ttl_ms, Some(fencing), Some(version))
-                .await
-            {
-                Err(LockError::Engine { status: 409, .. }) => continue,
-                other => return other,
+            match self.extend_once(lock_id, token, ttl_ms, fencing, pin).await {
+                Err(LockError::Engine { status: 409, .. }) => pin = None,
+                Ok(Extension::Unpinned(version)) => {
+                    // our token, its fencing token not stored yet: the grant
+                    // we renew is this one only if that token is ours
+                    if fencing != Some(implied_fencing(floor, version.0)) {
+                        tracing::info!(
+                            lock_id,
+                            ?fencing,
+                            "the lock was granted to this token again since; the known grant is over"
+                        );
+                        return Ok(ExtendOutcome::Expired);
+                    }
+                    pin = Some(version);
+                }
+                Ok(Extension::Done(outcome)) => return Ok(outcome),
+                Err(e) => return Err(e),
             }
         }
         Err(LockError::Response {
@@ -85,30 +107,43 @@ impl LockClient {
         ttl_ms: u64,
         fencing: Option<u64>,
         if_version: Option<(u64, u64)>,
-    ) -> Result<ExtendOutcome, LockError> {
+    ) -> Result<Extension, LockError> {
         let body = json!({
             "script": {
                 "lang": "painless",
                 "source": scripts::EXTEND,
-                "params": {"token": token, "ttl": ttl_ms, "fencingToken": fencing}
+                "params": {"token": token, "ttl": ttl_ms, "fencingToken": fencing, "checked": if_version.is_some()}
             }
         });
         let answer = self.update("extend", lock_id, &body, if_version).await?;
         if answer.status == StatusCode::NOT_FOUND {
-            return Ok(ExtendOutcome::NotHeld);
+            return Ok(Extension::Done(ExtendOutcome::NotHeld));
         }
         expect_success("extend", &answer)?;
-        match answer.body["result"].as_str() {
-            Some("updated") => Ok(ExtendOutcome::Extended),
+        let source = &answer.body["get"]["_source"];
+        Ok(Extension::Done(match answer.body["result"].as_str() {
+            Some("updated") => ExtendOutcome::Extended,
+            Some("noop")
+                if fencing.is_some()
+                    && if_version.is_none()
+                    && source["token"] == token
+                    && source["kind"].is_null()
+                    && source["fencingToken"].is_null() =>
+            {
+                return Ok(Extension::Unpinned(answer_version("extend", &answer)?));
+            }
             // the noop's _source is the document the script saw: still our
-            // token (or holder entry) means the lease had run out
-            Some("noop") if carries_token(&answer.body["get"]["_source"], token) => Ok(ExtendOutcome::Expired),
-            Some("noop") => Ok(ExtendOutcome::NotHeld),
-            other => Err(LockError::Response {
-                operation: "extend",
-                message: format!("result {other:?}"),
-            }),
-        }
+            // token (or holder entry) means the lease had run out, or the
+            // token was granted again under another fencing token
+            Some("noop") if carries_token(source, token) => ExtendOutcome::Expired,
+            Some("noop") => ExtendOutcome::NotHeld,
+            other => {
+                return Err(LockError::Response {
+                    operation: "extend",
+                    message: format!("result {other:?}"),
+                });
+            }
+        }))
     }
 
     /// [`Self::extend_lease`] as a yes/no: true only when extended.
@@ -121,6 +156,14 @@ impl LockClient {
     ) -> Result<bool, LockError> {
         Ok(self.extend_lease(lock_id, token, ttl, fencing_token).await? == ExtendOutcome::Extended)
     }
+}
+
+/// What one extend request came back with.
+enum Extension {
+    Done(ExtendOutcome),
+    /// A noop on our token whose fencing token is implied by this
+    /// `(_seq_no, _primary_term)`: to be checked and pinned with it.
+    Unpinned((u64, u64)),
 }
 
 /// True when a stored document (either kind) still names `token` as a holder.

@@ -92,6 +92,11 @@ if (src.kind == 'semaphore') {
 /// token AND its lease has not run out (an expired lease is over; unlike
 /// Kibana it is not revived). The client tells "expired" from "not held" by
 /// the token in the noop's `_source` (on a semaphore: in its holders).
+/// `params.fencingToken`, when sent, names the grant the caller renews: a
+/// stored token that differs (the same token granted again since) is a noop;
+/// one not stored yet is pinned only with `params.checked`, which the client
+/// sends with `if_seq_no` after checking the token implied by that `_seq_no`
+/// (without it, a noop: the client checks, then sends it so).
 pub const EXTEND: &str = r#"
 long now = System.currentTimeMillis();
 def src = ctx._source;
@@ -102,7 +107,8 @@ if (src.kind == 'semaphore') {
       mine = h;
     }
   }
-  if (mine != null && Instant.parse(mine.expiresAt.toString()).toEpochMilli() > now) {
+  boolean same = mine != null && (params.fencingToken == null || mine.fencingToken == params.fencingToken);
+  if (same && Instant.parse(mine.expiresAt.toString()).toEpochMilli() > now) {
     mine.expiresAt = Instant.ofEpochMilli(now).plusMillis(params.ttl).toString();
   } else {
     ctx.op = 'noop';
@@ -111,7 +117,9 @@ if (src.kind == 'semaphore') {
   boolean mine = src.kind == null && src.token != null && src.token == params.token;
   boolean live = src.expiresAt != null
       && Instant.parse(src.expiresAt.toString()).toEpochMilli() > now;
-  if (mine && live) {
+  boolean same = params.fencingToken == null
+      || (src.fencingToken == null ? params.checked == true : src.fencingToken == params.fencingToken);
+  if (mine && live && same) {
     src.expiresAt = Instant.ofEpochMilli(now).plusMillis(params.ttl).toString();
     if (src.fencingToken == null && params.fencingToken != null) {
       src.fencingToken = params.fencingToken;

@@ -95,7 +95,9 @@ final class LockScripts {
                     mine = map(h);
                 }
             }
-            if (mine != null && millis(mine.get("expiresAt")) > now) {
+            boolean same = mine != null
+                && (params.get("fencingToken") == null || eq(mine.get("fencingToken"), params.get("fencingToken")));
+            if (same && millis(mine.get("expiresAt")) > now) {
                 mine.put("expiresAt", Instant.ofEpochMilli(now).plusMillis(defToLong(params.get("ttl"))).toString());
             } else {
                 ctx.put("op", "noop");
@@ -104,7 +106,11 @@ final class LockScripts {
             boolean mine = src.get("kind") == null && src.get("token") != null
                 && eq(src.get("token"), params.get("token"));
             boolean live = src.get("expiresAt") != null && millis(src.get("expiresAt")) > now;
-            if (mine && live) {
+            boolean same = params.get("fencingToken") == null
+                || (src.get("fencingToken") == null
+                    ? eq(params.get("checked"), true)
+                    : eq(src.get("fencingToken"), params.get("fencingToken")));
+            if (mine && live && same) {
                 src.put("expiresAt", Instant.ofEpochMilli(now).plusMillis(defToLong(params.get("ttl"))).toString());
                 if (src.get("fencingToken") == null && params.get("fencingToken") != null) {
                     src.put("fencingToken", params.get("fencingToken"));
