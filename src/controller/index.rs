@@ -150,17 +150,11 @@ impl QueueIndex {
 
     /// `live`: delivered by the watch as it happened, not by a (re)list.
     fn file(&self, lock: &DistributedLock, live: bool) {
-        if let (Some(uid), Some(rv)) = (lock.uid(), resource_version(lock)) {
-            // (an unseen grant's mark is not dropped here but by the first
-            // reconcile whose copy shows the grant, holds_unseen_grant: this
-            // hook runs before the store has the copy, and a reconcile
-            // reading the store in between saw a stale Pending copy with no
-            // mark and re-acquired, reviving a lease that had run out)
-            let mut written = locked(&self.written_rv);
-            if written.get(&uid).is_some_and(|last| rv >= *last) {
-                written.remove(&uid);
-            }
-        }
+        // (the marks of our own writes — unseen_grants, written_rv — are not
+        // dropped here but by the first reconcile whose copy shows the write:
+        // this hook runs before the store has the copy, and a reconcile
+        // reading the store in between saw a stale Pending copy with no mark
+        // and re-acquired, reviving a lease that had run out)
         // a listed version that already carries our finalizer may be of a
         // predecessor's making, no sighting of the request's arrival (see
         // queue::Arrival::unrecorded); the first version the watch delivers
@@ -346,14 +340,23 @@ impl QueueIndex {
     /// is on its way and triggers the next reconcile. Never true for a copy
     /// that is Granted or whose grant is not seen yet: their leases are kept
     /// by [`Self::behind_own_grant`]'s rule, which bounds the wait.
+    /// A copy that shows the write drops the mark.
     pub fn behind_own_write(&self, lock: &DistributedLock) -> bool {
         let (Some(uid), Some(rv)) = (lock.uid(), resource_version(lock)) else {
             return false;
         };
-        if queue::phase(lock) == crate::crd::Phase::Granted || self.holds_unseen_grant(lock) {
-            return false;
+        {
+            let mut written = locked(&self.written_rv);
+            match written.get(&uid) {
+                None => return false,
+                Some(last) if rv >= *last => {
+                    written.remove(&uid);
+                    return false;
+                }
+                Some(_) => {}
+            }
         }
-        locked(&self.written_rv).get(&uid).is_some_and(|last| rv < *last)
+        queue::phase(lock) != crate::crd::Phase::Granted && !self.holds_unseen_grant(lock)
     }
 
     /// The grant this controller made to `lock` is gone from the lock index
@@ -509,8 +512,8 @@ mod tests {
         assert!(index.behind_own_write(&arrived));
         // a write answered out of order never moves the mark back
         index.wrote(&created, Some("11"));
+        assert!(index.behind_own_write(&arrived));
         let finalized = request("a", "ns", "k", 0, 1, 12);
-        assert!(!index.behind_own_write(&finalized));
         // a Granted copy, or one whose grant is not seen yet, is never
         // skipped here: its lease must be kept
         let granted = crate::fixtures::with_phase(request("a", "ns", "k", 0, 1, 11), Phase::Granted, None);
@@ -520,8 +523,11 @@ mod tests {
         assert!(!index.behind_own_write(&arrived));
         index.forget_unseen_grant(&arrived);
         assert!(index.behind_own_write(&arrived));
-        // once the cache shows it, nothing is behind any more
-        index.observe(&watcher::Event::Apply(finalized));
+        // the watch bringing it is not enough (the store may not have it yet)
+        index.observe(&watcher::Event::Apply(finalized.clone()));
+        assert!(index.behind_own_write(&arrived));
+        // once a copy shows it, nothing is behind any more
+        assert!(!index.behind_own_write(&finalized));
         assert!(!index.behind_own_write(&arrived));
         // another request is not affected; a deleted one is forgotten
         index.wrote(&created, Some("20"));
