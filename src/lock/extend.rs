@@ -77,6 +77,8 @@ impl LockClient {
             };
             match self.extend_once(lock_id, token, ttl_ms, fencing, pin).await {
                 Err(LockError::Engine { status: 409, .. }) => pin = None,
+                // read as a semaphore, now a mutex of our token: read again
+                Ok(Extension::Unpinned(_)) if fencing.is_none() => pin = None,
                 Ok(Extension::Unpinned(version)) => {
                     // our token, its fencing token not stored yet: the grant
                     // we renew is this one only if that token is ours
@@ -124,8 +126,7 @@ impl LockClient {
         Ok(Extension::Done(match answer.body["result"].as_str() {
             Some("updated") => ExtendOutcome::Extended,
             Some("noop")
-                if fencing.is_some()
-                    && if_version.is_none()
+                if if_version.is_none()
                     && source["token"] == token
                     && source["kind"].is_null()
                     && source["fencingToken"].is_null() =>

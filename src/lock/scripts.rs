@@ -96,7 +96,9 @@ if (src.kind == 'semaphore') {
 /// stored token that differs (the same token granted again since) is a noop;
 /// one not stored yet is pinned only with `params.checked`, which the client
 /// sends with `if_seq_no` after checking the token implied by that `_seq_no`
-/// (without it, a noop: the client checks, then sends it so).
+/// (without it, a noop: the client checks, then sends it so). Sent without
+/// one (a semaphore holder's renewal, whose key may have turned into a mutex
+/// since it was read), a mutex whose token is not stored is not extended.
 pub const EXTEND: &str = r#"
 long now = System.currentTimeMillis();
 def src = ctx._source;
@@ -117,8 +119,8 @@ if (src.kind == 'semaphore') {
   boolean mine = src.kind == null && src.token != null && src.token == params.token;
   boolean live = src.expiresAt != null
       && Instant.parse(src.expiresAt.toString()).toEpochMilli() > now;
-  boolean same = params.fencingToken == null
-      || (src.fencingToken == null ? params.checked == true : src.fencingToken == params.fencingToken);
+  boolean same = params.fencingToken == null ? src.fencingToken != null
+      : (src.fencingToken == null ? params.checked == true : src.fencingToken == params.fencingToken);
   if (mine && live && same) {
     src.expiresAt = Instant.ofEpochMilli(now).plusMillis(params.ttl).toString();
     if (src.fencingToken == null && params.fencingToken != null) {

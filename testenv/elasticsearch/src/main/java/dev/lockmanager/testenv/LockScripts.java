@@ -107,7 +107,8 @@ final class LockScripts {
                 && eq(src.get("token"), params.get("token"));
             boolean live = src.get("expiresAt") != null && millis(src.get("expiresAt")) > now;
             boolean same = params.get("fencingToken") == null
-                || (src.get("fencingToken") == null
+                ? src.get("fencingToken") != null
+                : (src.get("fencingToken") == null
                     ? eq(params.get("checked"), true)
                     : eq(src.get("fencingToken"), params.get("fencingToken")));
             if (mine && live && same) {
