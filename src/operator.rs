@@ -62,20 +62,7 @@ pub struct OperatorArgs {
     /// Longest wait before re-checking a lock held outside this cluster.
     #[arg(long, default_value = "5s", value_parser = crate::duration::parse_duration)]
     pub max_retry_interval: Duration,
-    /// Most requests sent to the Kubernetes API server at once; the rest wait
-    /// here, where a request given up (a lease's status not taken within its
-    /// renewal period) costs the API server nothing.
-    #[arg(long, env = "API_CONCURRENCY", default_value_t = DEFAULT_API_CONCURRENCY,
-          value_parser = clap::value_parser!(u16).range(1..))]
-    pub api_concurrency: u16,
 }
-
-/// Default of `--api-concurrency`: 1,000 holders renewing every 7.5 s flooded
-/// the API server with one connection per request; given-up writes were
-/// sent again while the first ones still queued there, and no status was
-/// taken at all any more (bench scale scenario). A few dozen connections
-/// carry its whole write rate (the raw status-patch ceiling is reached with 10).
-pub const DEFAULT_API_CONCURRENCY: u16 = 32;
 
 /// Errors of the operator as a whole (start-up, leadership).
 #[derive(Debug, thiserror::Error)]
@@ -105,23 +92,12 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// Objects a consumer of a watch's fan-out may be behind (controller::watch::fan_out).
 const SHARED_STREAM_BUFFER: usize = 1024;
 
-/// The Kubernetes client, sending at most `concurrency` requests at once (a
-/// watch holds its place only until its response starts).
-async fn api_client(concurrency: u16) -> Result<kube::Client, OperatorError> {
-    let config = kube::Config::infer()
-        .await
-        .map_err(|e| OperatorError::KubeConfig(crate::lock::error_line(&e)))?;
-    let builder = kube::client::ClientBuilder::try_from(config)
-        .map_err(|e| OperatorError::KubeConfig(crate::lock::error_line(&e)))?;
-    Ok(builder
-        .with_layer(&tower::limit::ConcurrencyLimitLayer::new(usize::from(concurrency)))
-        .build())
-}
-
 /// Runs the controllers until SIGTERM/SIGINT.
 pub async fn run(args: OperatorArgs) -> Result<(), OperatorError> {
     let shutdown = shutdown_signal()?;
-    let client = api_client(args.api_concurrency).await?;
+    let client = kube::Client::try_default()
+        .await
+        .map_err(|e| OperatorError::KubeConfig(crate::lock::error_line(&e)))?;
     // read as RawRequest: whatever one request holds, the check answers
     Api::<controller::raw::RawRequest>::all(client.clone())
         .list(&kube::api::ListParams::default().limit(1))
