@@ -489,6 +489,51 @@ async fn a_lock_cycle_writes_the_request_five_times_and_tells_each_step_once() {
     assert_eq!(told("Released").await, 1);
 }
 
+/// A holder's lease is extended in the lock index every quarter of its TTL,
+/// but its status — an API write each, the load 1,000 holders put on the
+/// API server — only every third time, with its expiresAt still ahead.
+#[tokio::test]
+async fn a_holder_is_renewed_every_quarter_ttl_and_its_status_written_every_third_time() {
+    let Some(s) = Setup::new("renewals", &[]).await else {
+        return;
+    };
+    s.create("held", json!({"lockId": "held", "ttl": "8s"})).await;
+    let granted = s.granted("held").await;
+    let params = kube::api::WatchParams::default().fields("metadata.name=held");
+    let version = granted.metadata.resource_version.clone().unwrap_or_default();
+    let mut events = s.api.watch(&params, &version).await.unwrap().boxed();
+    let url = std::env::var("ELASTICSEARCH_URL").unwrap();
+    let locks = common::lock_client(&url, "kube-locks");
+    let key = format!("{}/held", s.ns);
+    // watch for 13 s (renewals every 2 s, six of them): the index's expiry
+    // sampled, the request's writes counted, its recorded expiry checked
+    let window = Instant::now() + Duration::from_secs(13);
+    let (mut extensions, mut writes) = (std::collections::BTreeSet::new(), 0);
+    while Instant::now() < window {
+        let doc = locks.get(&key).await.unwrap().expect("the lock stays held");
+        assert_eq!(Some(&doc.token), status(&granted).token.as_ref(), "the same grant");
+        extensions.insert(doc.expires_at);
+        let lock = s.api.get("held").await.unwrap();
+        let recorded = status(&lock).expires_at.expect("a Granted request shows its expiry");
+        let recorded = chrono::DateTime::parse_from_rfc3339(&recorded).unwrap();
+        assert!(
+            recorded > chrono::Utc::now(),
+            "the recorded expiry {recorded} passed while the lease is renewed"
+        );
+        while let Ok(Some(event)) = tokio::time::timeout(Duration::from_millis(250), events.next()).await {
+            if let kube::api::WatchEvent::Modified(_) = event.unwrap() {
+                writes += 1;
+            }
+        }
+    }
+    assert!(extensions.len() >= 6, "renewed in the index: {extensions:?}");
+    assert!(
+        (1..=3).contains(&writes),
+        "{writes} status writes for {} renewals",
+        extensions.len() - 1
+    );
+}
+
 #[tokio::test]
 async fn a_request_with_the_longest_name_gets_its_events() {
     let Some(s) = Setup::new("long-name", &[]).await else {

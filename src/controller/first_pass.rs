@@ -146,7 +146,7 @@ const OVERDUE_SPACING: Duration = Duration::from_millis(10);
 /// most a quarter of the TTL). Never renewed: at once, no slack.
 fn hand_over(lock: &DistributedLock, now: DateTime<Utc>) -> (Duration, Duration) {
     let (_, period) = super::granted::lease_plan(lock);
-    let Some(due) = super::granted::renewal_due(lock, period, now) else {
+    let Some(due) = super::granted::renewal_due(lock, period, None, now) else {
         return (Duration::ZERO, Duration::ZERO);
     };
     let wait = (due - now).to_std().map_or(Duration::ZERO, |wait| {

@@ -12,9 +12,9 @@ use kube::api::Api;
 use super::error::{Error, Result};
 use super::holder::{self, HolderState};
 use super::raw::RawRequest;
-use super::status::{self, parse_time, reason};
+use super::status::{self, Written, parse_time, reason};
 use super::{Context, renew_period};
-use crate::crd::{DistributedLock, Phase};
+use crate::crd::{DistributedLock, DistributedLockStatus, Phase};
 use crate::lock::ExtendOutcome;
 use crate::queue;
 
@@ -56,24 +56,82 @@ pub fn lease_plan(lock: &DistributedLock) -> (Duration, Duration) {
 }
 
 /// When the next renewal of a Granted request is due: its last renewal plus
-/// `period`, its lease's renewal period ([`lease_plan`]); never renewed (or unreadable): `None`, at once. A
+/// `period`, its lease's renewal period ([`lease_plan`]); never renewed (or unreadable): `None`, at once. The
+/// last renewal is the later of the one its status records and `unrecorded`,
+/// one this controller made and did not write down ([`worth_recording`]). A
 /// renewal recorded in the future (a replica whose clock ran ahead, a hand
 /// edit of the status) makes it due at once: it is not known when the lease
 /// was last extended, and the renewal writes `renewedAt` by this clock.
-pub fn renewal_due(lock: &DistributedLock, period: Duration, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
-    let renewed = lock
+pub fn renewal_due(
+    lock: &DistributedLock,
+    period: Duration,
+    unrecorded: Option<DateTime<Utc>>,
+    now: DateTime<Utc>,
+) -> Option<DateTime<Utc>> {
+    let recorded = lock
         .status
         .as_ref()
         .and_then(|s| s.renewed_at.as_deref())
-        .and_then(parse_time)?;
-    if renewed > now {
+        .and_then(parse_time);
+    if recorded.is_some_and(|recorded| recorded > now) {
         return Some(now);
     }
+    let renewed = recorded.max(unrecorded)?;
     renewed.checked_add_signed(chrono::Duration::from_std(period).ok()?)
 }
 
+/// Whether `next`, the status of a renewal at `now` for `ttl`
+/// ([`status::renewed`]), is worth an API write. The lease in the lock
+/// index is extended every renewal period, its status need not be: its
+/// `expiresAt` is written when, by the next renewal, the recorded one would
+/// be less than an eighth of the TTL ahead — every third renewal (a third of
+/// the writes a holder costs the API server), so the recorded `expiresAt`
+/// is a lower bound of the lease's end, nominally at least a quarter of the
+/// TTL ahead. Anything else the write changes (a new TTL, observedGeneration
+/// after a spec edit, the IndexReachable condition) is written at once.
+pub fn worth_recording(
+    lock: &DistributedLock,
+    next: &DistributedLockStatus,
+    ttl: Duration,
+    now: DateTime<Utc>,
+) -> bool {
+    let Some(current) = lock.status.as_ref() else {
+        return true;
+    };
+    let mut times_aside = next.clone();
+    times_aside.renewed_at.clone_from(&current.renewed_at);
+    times_aside.expires_at.clone_from(&current.expires_at);
+    if times_aside != *current {
+        return true;
+    }
+    let times = |s: &DistributedLockStatus| {
+        Some((
+            parse_time(s.renewed_at.as_deref()?)?,
+            parse_time(s.expires_at.as_deref()?)?,
+        ))
+    };
+    let (Some((renewed, expires)), Some((_, next_expires))) = (times(current), times(next)) else {
+        return true;
+    };
+    let (Ok(recorded_ttl), Ok(ttl_here)) = ((expires - renewed).to_std(), (next_expires - now).to_std()) else {
+        return true;
+    };
+    if recorded_ttl.abs_diff(ttl_here) > Duration::from_millis(1) {
+        return true;
+    }
+    let margin = chrono::Duration::from_std(renew_period(ttl) + ttl / 8).unwrap_or(chrono::Duration::MAX);
+    expires - now < margin
+}
+
 /// Decides the next step of a Granted request (pure).
-pub fn decide(lock: &DistributedLock, holder: HolderState, now: DateTime<Utc>) -> GrantedStep {
+/// `unrecorded`: this controller's last renewal of the grant, if its status
+/// does not record it.
+pub fn decide(
+    lock: &DistributedLock,
+    holder: HolderState,
+    unrecorded: Option<DateTime<Utc>>,
+    now: DateTime<Utc>,
+) -> GrantedStep {
     match holder {
         HolderState::Finished(why) => {
             return GrantedStep::Release {
@@ -90,7 +148,7 @@ pub fn decide(lock: &DistributedLock, holder: HolderState, now: DateTime<Utc>) -
         HolderState::Running | HolderState::Unbound => {}
     }
     let (ttl, period) = lease_plan(lock);
-    let Some(due) = renewal_due(lock, period, now) else {
+    let Some(due) = renewal_due(lock, period, unrecorded, now) else {
         return GrantedStep::Renew { ttl };
     };
     if now < due {
@@ -103,7 +161,7 @@ pub fn decide(lock: &DistributedLock, holder: HolderState, now: DateTime<Utc>) -
 pub async fn reconcile(lock: Arc<DistributedLock>, ctx: &Context, key: &str) -> Result<Action> {
     let (_, period) = lease_plan(&lock);
     let holder = lease_holder(ctx, &lock, period).await;
-    match decide(&lock, holder, Utc::now()) {
+    match decide(&lock, holder, ctx.index.unrecorded_renewal(&lock), Utc::now()) {
         GrantedStep::Release { reason, message } => super::finish(&lock, ctx, Phase::Released, reason, message).await,
         GrantedStep::NotDue(wait) => Ok(Action::requeue(wait)),
         GrantedStep::Renew { ttl } => renew(lock, ctx, key, ttl).await,
@@ -152,7 +210,15 @@ async fn renew(lock: Arc<DistributedLock>, ctx: &Context, key: &str, ttl: Durati
             // again and records itself).
             let next = started + renew_period(ttl);
             let expires = now + chrono::Duration::from_std(ttl).unwrap_or_default();
-            status::write_by(&ctx.client, &lock, status::renewed(&lock, now, expires), next).await?;
+            let renewed = status::renewed(&lock, now, expires);
+            let recorded = worth_recording(&lock, &renewed, ttl, now)
+                && matches!(
+                    status::write_by(&ctx.client, &lock, renewed, next).await?,
+                    Written::At(_)
+                );
+            if !recorded {
+                ctx.index.renewed_unrecorded(&lock, now);
+            }
             return Ok(Action::requeue(next.saturating_duration_since(Instant::now())));
         }
         // by the search engine's clock: a lease that ran out is over, even if
@@ -214,11 +280,11 @@ mod tests {
     fn renewal_is_due_a_quarter_of_the_ttl_after_the_last_one() {
         let lock = holding("4s", 0, 4);
         assert_eq!(
-            decide(&lock, HolderState::Unbound, at(0)),
+            decide(&lock, HolderState::Unbound, None, at(0)),
             GrantedStep::NotDue(Duration::from_secs(1))
         );
         assert_eq!(
-            decide(&lock, HolderState::Unbound, at(1)),
+            decide(&lock, HolderState::Unbound, None, at(1)),
             GrantedStep::Renew {
                 ttl: Duration::from_secs(4)
             }
@@ -231,11 +297,11 @@ mod tests {
         // still runs out 4s after its renewal, so the next renewal stays at 1s
         let lock = holding("1h", 0, 4);
         assert_eq!(
-            decide(&lock, HolderState::Unbound, at(0)),
+            decide(&lock, HolderState::Unbound, None, at(0)),
             GrantedStep::NotDue(Duration::from_secs(1))
         );
         assert_eq!(
-            decide(&lock, HolderState::Unbound, at(1)),
+            decide(&lock, HolderState::Unbound, None, at(1)),
             GrantedStep::Renew {
                 ttl: Duration::from_secs(3600)
             },
@@ -244,7 +310,7 @@ mod tests {
         // lowering it renews sooner
         let lock = holding("2s", 0, 4);
         assert_eq!(
-            decide(&lock, HolderState::Unbound, at(0)),
+            decide(&lock, HolderState::Unbound, None, at(0)),
             GrantedStep::NotDue(Duration::from_millis(500))
         );
     }
@@ -257,22 +323,92 @@ mod tests {
         let renew = GrantedStep::Renew {
             ttl: Duration::from_secs(8),
         };
-        assert_eq!(decide(&lock, HolderState::Unbound, at(0)), renew);
-        assert_eq!(decide(&lock, HolderState::Unbound, at(2)), renew);
+        assert_eq!(decide(&lock, HolderState::Unbound, None, at(0)), renew);
+        assert_eq!(decide(&lock, HolderState::Unbound, None, at(2)), renew);
+    }
+
+    /// A holder whose last renewal (at `renewed`, for `ttl` seconds) was
+    /// written by the controller.
+    fn recorded(ttl: i64, renewed: i64) -> DistributedLock {
+        let mut lock = holding(&format!("{ttl}s"), renewed, renewed + ttl);
+        lock.status = Some(status::renewed(&lock, at(renewed), at(renewed + ttl)));
+        lock
+    }
+
+    fn renewal_at(lock: &DistributedLock, now: i64, ttl: i64) -> bool {
+        let next = status::renewed(lock, at(now), at(now + ttl));
+        worth_recording(lock, &next, Duration::from_secs(ttl as u64), at(now))
+    }
+
+    #[test]
+    fn every_third_renewal_is_written_and_the_recorded_expiry_stays_ahead() {
+        // ttl 8s: renewals every 2s; written at 0
+        let lock = recorded(8, 0);
+        assert!(!renewal_at(&lock, 2, 8), "6s of the recorded lease left");
+        assert!(!renewal_at(&lock, 4, 8), "4s left: still 2s ahead at the next renewal");
+        assert!(renewal_at(&lock, 6, 8), "2s left: would be gone by the next renewal");
+        assert!(
+            !renewal_at(&lock, 5, 8),
+            "3s left: an eighth of the TTL at the next renewal"
+        );
+        // one whose timer (or the lock index) was slow writes as soon as
+        assert!(renewal_at(&lock, 7, 8));
+    }
+
+    #[test]
+    fn a_renewal_that_changes_more_than_its_times_is_written_at_once() {
+        let lock = recorded(8, 0);
+        // a new TTL: the recorded one is what the next reconcile plans with
+        let next = status::renewed(&lock, at(2), at(2 + 60));
+        assert!(worth_recording(&lock, &next, Duration::from_secs(60), at(2)));
+        // a spec edit: observedGeneration moves
+        let mut edited = lock.clone();
+        edited.metadata.generation = Some(edited.metadata.generation.unwrap_or(1) + 1);
+        assert!(renewal_at(&edited, 2, 8));
+        // the IndexReachable condition of a failing index turns back
+        let mut failing = lock.clone();
+        failing.status.as_mut().unwrap().conditions.clear();
+        assert!(renewal_at(&failing, 2, 8));
+        // nothing recorded yet
+        let mut bare = lock;
+        bare.status.as_mut().unwrap().expires_at = None;
+        assert!(renewal_at(&bare, 2, 8));
+    }
+
+    #[test]
+    fn an_unrecorded_renewal_moves_the_next_one() {
+        let lock = recorded(8, 0);
+        assert_eq!(
+            decide(&lock, HolderState::Unbound, Some(at(2)), at(3)),
+            GrantedStep::NotDue(Duration::from_secs(1)),
+            "due a period after the renewal the status does not show"
+        );
+        assert_eq!(
+            decide(&lock, HolderState::Unbound, Some(at(2)), at(4)),
+            GrantedStep::Renew {
+                ttl: Duration::from_secs(8)
+            }
+        );
+        // an older unrecorded renewal does not delay one the status shows
+        let later = recorded(8, 10);
+        assert_eq!(
+            decide(&later, HolderState::Unbound, Some(at(2)), at(11)),
+            GrantedStep::NotDue(Duration::from_secs(1))
+        );
     }
 
     #[test]
     fn a_finished_or_missing_holder_releases() {
         let lock = holding("30s", 0, 30);
         assert!(matches!(
-            decide(&lock, HolderState::Finished("Job completed"), at(1)),
+            decide(&lock, HolderState::Finished("Job completed"), None, at(1)),
             GrantedStep::Release {
                 reason: "HolderFinished",
                 ..
             }
         ));
         assert!(matches!(
-            decide(&lock, HolderState::Missing, at(1)),
+            decide(&lock, HolderState::Missing, None, at(1)),
             GrantedStep::Release {
                 reason: "HolderGone",
                 ..

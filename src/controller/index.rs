@@ -7,6 +7,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use chrono::{DateTime, Utc};
 use k8s_openapi::api::batch::v1::Job;
 use kube::ResourceExt;
 use kube::runtime::reflector::{ObjectRef, Store};
@@ -54,6 +55,9 @@ pub struct QueueIndex {
     /// a waiter's or a final status), with the resourceVersion of the last
     /// such write, until the cache shows it.
     written_rv: Mutex<HashMap<String, u64>>,
+    /// Granted requests (by UID) whose last renewal in the lock index is not
+    /// recorded in their status (see `granted::worth_recording`).
+    unrecorded_renewals: Mutex<HashMap<String, UnrecordedRenewal>>,
     /// When each key was last granted here.
     granted_at: RecentByKey,
     /// Told of every grant.
@@ -117,6 +121,15 @@ impl UnseenGrant {
             None => queue::phase(lock) == crate::crd::Phase::Granted || queue::phase(lock).is_final(),
         }
     }
+}
+
+/// A renewal of one grant (its token and fencing token) that its request's
+/// status does not show ([`QueueIndex::renewed_unrecorded`]).
+#[derive(Debug)]
+struct UnrecordedRenewal {
+    token: Option<String>,
+    fencing: Option<i64>,
+    at: DateTime<Utc>,
 }
 
 impl QueueIndex {
@@ -187,6 +200,7 @@ impl QueueIndex {
             locked(&self.place_deferred).remove(&uid);
             locked(&self.unseen_grants).remove(&uid);
             locked(&self.written_rv).remove(&uid);
+            locked(&self.unrecorded_renewals).remove(&uid);
         }
         remove_filing(&mut locked(&self.entries), &ObjectRef::from_obj(lock));
     }
@@ -359,6 +373,37 @@ impl QueueIndex {
         queue::phase(lock) != crate::crd::Phase::Granted && !self.holds_unseen_grant(lock)
     }
 
+    /// Notes that `lock`'s grant (as its status shows it) was extended in the
+    /// lock index at `at`, a renewal its status does not record.
+    pub fn renewed_unrecorded(&self, lock: &DistributedLock, at: DateTime<Utc>) {
+        let (Some(uid), Some(status)) = (lock.uid(), lock.status.as_ref()) else {
+            return;
+        };
+        let renewal = UnrecordedRenewal {
+            token: status.token.clone(),
+            fencing: status.fencing_token,
+            at,
+        };
+        locked(&self.unrecorded_renewals).insert(uid, renewal);
+    }
+
+    /// When `lock`'s grant was last extended here, if later than its status
+    /// records ([`Self::renewed_unrecorded`]); a copy that records it, or
+    /// shows another grant, drops the mark.
+    pub fn unrecorded_renewal(&self, lock: &DistributedLock) -> Option<DateTime<Utc>> {
+        let uid = lock.uid()?;
+        let status = lock.status.as_ref();
+        let recorded = status.and_then(|s| s.renewed_at.as_deref()).and_then(queue::parse_time);
+        let mut renewals = locked(&self.unrecorded_renewals);
+        let renewal = renewals.get(&uid)?;
+        let same_grant = status.is_some_and(|s| s.token == renewal.token && s.fencing_token == renewal.fencing);
+        if same_grant && recorded.is_none_or(|recorded| recorded < renewal.at) {
+            return Some(renewal.at);
+        }
+        renewals.remove(&uid);
+        None
+    }
+
     /// The grant this controller made to `lock` is gone from the lock index
     /// (a re-acquire found the key held by another or not ours to take): the
     /// request is decided on as any waiter again.
@@ -455,6 +500,30 @@ mod tests {
     use super::*;
     use crate::crd::{HolderRef, Phase};
     use crate::fixtures::request;
+
+    #[test]
+    fn an_unrecorded_renewal_is_kept_until_a_copy_records_it_or_shows_another_grant() {
+        use crate::fixtures::{at, granted};
+        let index = QueueIndex::default();
+        let lock = granted(request("a", "ns", "k", 0, 1, 10), at(0), at(8));
+        assert_eq!(index.unrecorded_renewal(&lock), None);
+        index.renewed_unrecorded(&lock, at(2));
+        assert_eq!(index.unrecorded_renewal(&lock), Some(at(2)));
+        // another grant of the same request (a new fencing token)
+        let mut regranted = lock.clone();
+        regranted.status.as_mut().unwrap().fencing_token = Some(8);
+        assert_eq!(index.unrecorded_renewal(&regranted), None);
+        assert_eq!(index.unrecorded_renewal(&lock), None, "the mark is dropped");
+        // a copy that records it (or a later renewal)
+        index.renewed_unrecorded(&lock, at(2));
+        let written = granted(request("a", "ns", "k", 0, 1, 10), at(2), at(10));
+        assert_eq!(index.unrecorded_renewal(&written), None);
+        assert_eq!(index.unrecorded_renewal(&lock), None, "the mark is dropped");
+        // the request's deletion
+        index.renewed_unrecorded(&lock, at(4));
+        index.observe(&watcher::Event::Delete(lock.clone()));
+        assert_eq!(index.unrecorded_renewal(&lock), None);
+    }
 
     #[test]
     fn a_copy_behind_our_grant_waits_for_the_watch_but_never_past_a_renewal() {
