@@ -191,10 +191,17 @@ pub async fn run(args: OperatorArgs) -> Result<(), OperatorError> {
     let first_pass = Arc::new(controller::first_pass::FirstPass::default());
     let listed = first_pass.clone();
     let (departed, departures) = mpsc::unbounded_channel();
+    let cached = ctx.store.clone();
     let lock_events = controller::watch::requests(client.clone(), lock_watch, bad_objects).inspect_ok(move |event| {
-        lock_index.observe(event);
+        // gone from this operator's view: deleted, or no longer selected —
+        // while the watch was down too (a relist that no longer has it;
+        // the store still has the copy until it takes the list)
+        for unlisted in lock_index.observe(event) {
+            if let Some(lock) = cached.get(&unlisted) {
+                let _ = departed.send(lock.as_ref().clone());
+            }
+        }
         listed.observe(event);
-        // gone from this operator's view: deleted, or no longer selected
         if let watcher::Event::Delete(lock) = event {
             let _ = departed.send(lock.clone());
         }

@@ -58,6 +58,10 @@ pub struct QueueIndex {
     /// Granted requests (by UID) whose last renewal in the lock index is not
     /// recorded in their status (see `granted::worth_recording`).
     unrecorded_renewals: Mutex<HashMap<String, UnrecordedRenewal>>,
+    /// The requests (by UID) and Jobs (by UID) a (re)list in progress has
+    /// delivered so far: at its end, what it did not deliver is gone.
+    relisted: Mutex<Option<HashSet<String>>>,
+    jobs_relisted: Mutex<Option<HashSet<String>>>,
     /// When each key was last granted here.
     granted_at: RecentByKey,
     /// Told of every grant.
@@ -89,6 +93,13 @@ impl RecentByKey {
 
 fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Notes a UID a (re)list in progress delivered.
+fn relisting(relisted: &Mutex<Option<HashSet<String>>>, uid: Option<String>) {
+    if let (Some(listed), Some(uid)) = (locked(relisted).as_mut(), uid) {
+        listed.insert(uid);
+    }
 }
 
 fn holder_key(lock: &DistributedLock) -> Option<HolderKey> {
@@ -133,14 +144,53 @@ struct UnrecordedRenewal {
 }
 
 impl QueueIndex {
-    /// Watch hook for DistributedLocks (called before the reflector stores the event).
-    pub fn observe(&self, event: &watcher::Event<DistributedLock>) {
+    /// Watch hook for DistributedLocks (called before the reflector stores
+    /// the event). At the end of a (re)list: the requests it did not list,
+    /// gone from this controller's view while the watch was down (deleted,
+    /// or no longer selected), never delivered as deleted — now forgotten
+    /// here, still in the store until the reflector takes the list.
+    pub fn observe(&self, event: &watcher::Event<DistributedLock>) -> Vec<LockRef> {
         match event {
             watcher::Event::Apply(lock) => self.file(lock, true),
-            watcher::Event::InitApply(lock) => self.file(lock, false),
+            watcher::Event::InitApply(lock) => {
+                relisting(&self.relisted, lock.uid());
+                self.file(lock, false);
+            }
             watcher::Event::Delete(lock) => self.unfile(lock),
-            watcher::Event::Init | watcher::Event::InitDone => {}
+            watcher::Event::Init => *locked(&self.relisted) = Some(HashSet::new()),
+            watcher::Event::InitDone => {
+                if let Some(listed) = locked(&self.relisted).take() {
+                    return self.keep_only(&listed);
+                }
+            }
         }
+        Vec::new()
+    }
+
+    /// The end of a (re)list: requests deleted while the watch was down
+    /// (never delivered as deleted) are forgotten — their filing and every
+    /// mark kept for them.
+    fn keep_only(&self, listed: &HashSet<String>) -> Vec<LockRef> {
+        let gone = |uid: &String| !listed.contains(uid);
+        let mut entries = locked(&self.entries);
+        let unlisted: Vec<LockRef> = entries
+            .filed
+            .keys()
+            .filter(|r| r.extra.uid.as_ref().is_none_or(gone))
+            .cloned()
+            .collect();
+        for object in &unlisted {
+            remove_filing(&mut entries, object);
+        }
+        drop(entries);
+        locked(&self.first_seen).retain(|uid, _| !gone(uid));
+        locked(&self.released_uids).retain(|uid| !gone(uid));
+        locked(&self.untold_grants).retain(|uid| !gone(uid));
+        locked(&self.place_deferred).retain(|uid, _| !gone(uid));
+        locked(&self.unseen_grants).retain(|uid, _| !gone(uid));
+        locked(&self.written_rv).retain(|uid, _| !gone(uid));
+        locked(&self.unrecorded_renewals).retain(|uid, _| !gone(uid));
+        unlisted
     }
 
     /// Watch hook for Jobs: remembers when each Job was first seen.
@@ -157,7 +207,15 @@ impl QueueIndex {
                     seen.remove(&uid);
                 }
             }
-            watcher::Event::Init | watcher::Event::InitDone => {}
+            watcher::Event::Init => *locked(&self.jobs_relisted) = Some(HashSet::new()),
+            watcher::Event::InitDone => {
+                if let Some(listed) = locked(&self.jobs_relisted).take() {
+                    seen.retain(|uid, _| listed.contains(uid));
+                }
+            }
+        }
+        if let watcher::Event::InitApply(job) = event {
+            relisting(&self.jobs_relisted, job.uid());
         }
     }
 
@@ -500,6 +558,44 @@ mod tests {
     use super::*;
     use crate::crd::{HolderRef, Phase};
     use crate::fixtures::request;
+
+    #[test]
+    fn a_relist_forgets_the_requests_deleted_while_the_watch_was_down() {
+        use crate::fixtures::{at, granted};
+        let index = QueueIndex::default();
+        let kept = request("kept", "ns", "k", 0, 1, 10);
+        let gone = granted(request("gone", "ns", "k", 0, 2, 11), at(0), at(8));
+        for lock in [&kept, &gone] {
+            index.observe(&watcher::Event::Apply(lock.clone()));
+        }
+        index.wrote(&gone, Some("20"));
+        index.renewed_unrecorded(&gone, at(2));
+        index.suspect_untold_grant(&gone.uid().unwrap());
+        assert_eq!(index.of_key("ns/k").len(), 2);
+        // the watch fell behind; `gone` was deleted meanwhile: the relist
+        // delivers `kept` only, and no deletion of `gone`
+        index.observe(&watcher::Event::Init);
+        index.observe(&watcher::Event::InitApply(kept.clone()));
+        assert_eq!(index.of_key("ns/k").len(), 2, "not before the relist ends");
+        let unlisted = index.observe(&watcher::Event::InitDone);
+        assert_eq!(unlisted, vec![ObjectRef::from_obj(&gone)], "told, to let it go");
+        assert_eq!(index.of_key("ns/k"), vec![ObjectRef::from_obj(&kept)]);
+        assert!(index.first_seen(&kept).is_some(), "a listed request keeps its sighting");
+        assert_eq!(index.first_seen(&gone), None);
+        assert_eq!(index.unrecorded_renewal(&gone), None);
+        assert!(!index.take_untold_grant(&gone));
+        assert!(locked(&index.written_rv).is_empty());
+        // Jobs the same way
+        let job = crate::fixtures::job("j", &[], &[], false);
+        let mut job = job;
+        job.metadata.uid = Some("job-uid".into());
+        job.metadata.resource_version = Some("5".into());
+        index.observe_job(&watcher::Event::Apply(job.clone()));
+        assert_eq!(index.job_first_seen(&job), Some(5));
+        index.observe_job(&watcher::Event::Init);
+        index.observe_job(&watcher::Event::InitDone);
+        assert_eq!(index.job_first_seen(&job), None);
+    }
 
     #[test]
     fn an_unrecorded_renewal_is_kept_until_a_copy_records_it_or_shows_another_grant() {
