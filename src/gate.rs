@@ -81,8 +81,9 @@ pub fn next_step(job: &Job, request: Option<&DistributedLock>, now: chrono::Date
             let status = lock.status.clone().unwrap_or_default();
             // a live lease only: a Granted status that landed late (a write
             // the operator gave up on while the API server hung) may speak
-            // of a lease that already ran out; a live one is renewed, and
-            // its expiresAt moved, every quarter of its TTL
+            // of a lease that already ran out; a live one is renewed every
+            // quarter of its TTL, and its recorded expiresAt (a lower bound)
+            // moved while still ahead (granted::worth_recording)
             let live = status
                 .expires_at
                 .as_deref()

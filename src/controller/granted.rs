@@ -82,13 +82,17 @@ pub fn renewal_due(
 
 /// Whether `next`, the status of a renewal at `now` for `ttl`
 /// ([`status::renewed`]), is worth an API write. The lease in the lock
-/// index is extended every renewal period, its status need not be: its
-/// `expiresAt` is written when, by the next renewal, the recorded one would
-/// be less than an eighth of the TTL ahead — every third renewal (a third of
-/// the writes a holder costs the API server), so the recorded `expiresAt`
-/// is a lower bound of the lease's end, nominally at least a quarter of the
-/// TTL ahead. Anything else the write changes (a new TTL, observedGeneration
-/// after a spec edit, the IndexReachable condition) is written at once.
+/// index is extended every renewal period (a quarter of the TTL), its
+/// status need not be: its `expiresAt` is written when, by the next renewal,
+/// the recorded one would be less than [`RECORDED_LEAD`] or an eighth of
+/// the TTL ahead, whichever is longer. So a write starts with at least that
+/// long left before the recorded `expiresAt` (a lower bound of the lease's
+/// end) passes — time for a slow API server to take it. Leases longer than
+/// 8 s are written every third renewal (a third of the writes a holder
+/// costs the API server), shorter ones more often: every second renewal
+/// at 4–8 s, every renewal at 2 s and less. Anything else the write changes (a new TTL,
+/// observedGeneration after a spec edit, the IndexReachable condition) is
+/// written at once.
 pub fn worth_recording(
     lock: &DistributedLock,
     next: &DistributedLockStatus,
@@ -119,17 +123,31 @@ pub fn worth_recording(
     if recorded_ttl.abs_diff(ttl_here) > Duration::from_millis(1) {
         return true;
     }
-    let margin = chrono::Duration::from_std(renew_period(ttl) + ttl / 8).unwrap_or(chrono::Duration::MAX);
-    expires - now < margin
+    let margin = renew_period(ttl) + (ttl / 8).max(RECORDED_LEAD);
+    expires - now < chrono::Duration::from_std(margin).unwrap_or(chrono::Duration::MAX)
+}
+
+/// How long, at least, a renewal's status write has before the recorded
+/// `expiresAt` it replaces passes ([`worth_recording`]): more than a status
+/// write takes unless the API server is overloaded.
+pub const RECORDED_LEAD: Duration = Duration::from_secs(2);
+
+/// A renewal this controller made: when, and the TTL it extended the lease by.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Renewal {
+    pub at: DateTime<Utc>,
+    pub ttl: Duration,
 }
 
 /// Decides the next step of a Granted request (pure).
 /// `unrecorded`: this controller's last renewal of the grant, if its status
-/// does not record it.
+/// does not record it; its lease is kept by a period of its own TTL too
+/// (a renewal with a lowered TTL whose write was given up, then the TTL
+/// raised again).
 pub fn decide(
     lock: &DistributedLock,
     holder: HolderState,
-    unrecorded: Option<DateTime<Utc>>,
+    unrecorded: Option<Renewal>,
     now: DateTime<Utc>,
 ) -> GrantedStep {
     match holder {
@@ -147,8 +165,11 @@ pub fn decide(
         }
         HolderState::Running | HolderState::Unbound => {}
     }
-    let (ttl, period) = lease_plan(lock);
-    let Some(due) = renewal_due(lock, period, unrecorded, now) else {
+    let (ttl, mut period) = lease_plan(lock);
+    if let Some(renewal) = unrecorded {
+        period = period.min(renew_period(renewal.ttl));
+    }
+    let Some(due) = renewal_due(lock, period, unrecorded.map(|r| r.at), now) else {
         return GrantedStep::Renew { ttl };
     };
     if now < due {
@@ -217,7 +238,7 @@ async fn renew(lock: Arc<DistributedLock>, ctx: &Context, key: &str, ttl: Durati
                     Written::At(_)
                 );
             if !recorded {
-                ctx.index.renewed_unrecorded(&lock, now);
+                ctx.index.renewed_unrecorded(&lock, Renewal { at: now, ttl });
             }
             return Ok(Action::requeue(next.saturating_duration_since(Instant::now())));
         }
@@ -341,18 +362,26 @@ mod tests {
     }
 
     #[test]
-    fn every_third_renewal_is_written_and_the_recorded_expiry_stays_ahead() {
-        // ttl 8s: renewals every 2s; written at 0
-        let lock = recorded(8, 0);
-        assert!(!renewal_at(&lock, 2, 8), "6s of the recorded lease left");
-        assert!(!renewal_at(&lock, 4, 8), "4s left: still 2s ahead at the next renewal");
-        assert!(renewal_at(&lock, 6, 8), "2s left: would be gone by the next renewal");
+    fn long_leases_are_written_every_third_renewal_short_ones_more_often() {
+        // ttl 40s: renewals every 10s; written at 0
+        let lock = recorded(40, 0);
+        assert!(!renewal_at(&lock, 10, 40), "30s of the recorded lease left");
         assert!(
-            !renewal_at(&lock, 5, 8),
-            "3s left: an eighth of the TTL at the next renewal"
+            !renewal_at(&lock, 20, 40),
+            "20s left: still 10s ahead at the next renewal"
         );
-        // one whose timer (or the lock index) was slow writes as soon as
-        assert!(renewal_at(&lock, 7, 8));
+        assert!(
+            renewal_at(&lock, 30, 40),
+            "10s left: under an eighth of the TTL by the next renewal"
+        );
+        // ttl 8s: renewals every 2s; the write needs 2s left by the next one
+        let lock = recorded(8, 0);
+        assert!(!renewal_at(&lock, 2, 8));
+        assert!(!renewal_at(&lock, 3, 8), "5s left: 3s at the next renewal");
+        assert!(renewal_at(&lock, 5, 8), "3s left: 1s at the next renewal");
+        // ttl 2s: every renewal, as a write may take longer than what is left
+        let lock = recorded(2, 0);
+        assert!(renewal_at(&lock, 1, 2));
     }
 
     #[test]
@@ -378,13 +407,19 @@ mod tests {
     #[test]
     fn an_unrecorded_renewal_moves_the_next_one() {
         let lock = recorded(8, 0);
+        let unrecorded = |at_s: i64, ttl: u64| {
+            Some(Renewal {
+                at: at(at_s),
+                ttl: Duration::from_secs(ttl),
+            })
+        };
         assert_eq!(
-            decide(&lock, HolderState::Unbound, Some(at(2)), at(3)),
+            decide(&lock, HolderState::Unbound, unrecorded(2, 8), at(3)),
             GrantedStep::NotDue(Duration::from_secs(1)),
             "due a period after the renewal the status does not show"
         );
         assert_eq!(
-            decide(&lock, HolderState::Unbound, Some(at(2)), at(4)),
+            decide(&lock, HolderState::Unbound, unrecorded(2, 8), at(4)),
             GrantedStep::Renew {
                 ttl: Duration::from_secs(8)
             }
@@ -392,8 +427,16 @@ mod tests {
         // an older unrecorded renewal does not delay one the status shows
         let later = recorded(8, 10);
         assert_eq!(
-            decide(&later, HolderState::Unbound, Some(at(2)), at(11)),
+            decide(&later, HolderState::Unbound, unrecorded(2, 8), at(11)),
             GrantedStep::NotDue(Duration::from_secs(1))
+        );
+        // renewed unrecorded with a 4s TTL (its write given up), then the
+        // spec raised back to 8s: the 4s lease is renewed within its own period
+        assert_eq!(
+            decide(&lock, HolderState::Unbound, unrecorded(2, 4), at(3)),
+            GrantedStep::Renew {
+                ttl: Duration::from_secs(8)
+            }
         );
     }
 

@@ -7,12 +7,12 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use chrono::{DateTime, Utc};
 use k8s_openapi::api::batch::v1::Job;
 use kube::ResourceExt;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 
+use super::granted::Renewal;
 use crate::crd::{DistributedLock, HolderKind};
 use crate::queue::{self, Sightings};
 
@@ -140,7 +140,7 @@ impl UnseenGrant {
 struct UnrecordedRenewal {
     token: Option<String>,
     fencing: Option<i64>,
-    at: DateTime<Utc>,
+    renewal: Renewal,
 }
 
 impl QueueIndex {
@@ -433,30 +433,30 @@ impl QueueIndex {
 
     /// Notes that `lock`'s grant (as its status shows it) was extended in the
     /// lock index at `at`, a renewal its status does not record.
-    pub fn renewed_unrecorded(&self, lock: &DistributedLock, at: DateTime<Utc>) {
+    pub fn renewed_unrecorded(&self, lock: &DistributedLock, renewal: Renewal) {
         let (Some(uid), Some(status)) = (lock.uid(), lock.status.as_ref()) else {
             return;
         };
-        let renewal = UnrecordedRenewal {
+        let unrecorded = UnrecordedRenewal {
             token: status.token.clone(),
             fencing: status.fencing_token,
-            at,
+            renewal,
         };
-        locked(&self.unrecorded_renewals).insert(uid, renewal);
+        locked(&self.unrecorded_renewals).insert(uid, unrecorded);
     }
 
     /// When `lock`'s grant was last extended here, if later than its status
     /// records ([`Self::renewed_unrecorded`]); a copy that records it, or
     /// shows another grant, drops the mark.
-    pub fn unrecorded_renewal(&self, lock: &DistributedLock) -> Option<DateTime<Utc>> {
+    pub fn unrecorded_renewal(&self, lock: &DistributedLock) -> Option<Renewal> {
         let uid = lock.uid()?;
         let status = lock.status.as_ref();
         let recorded = status.and_then(|s| s.renewed_at.as_deref()).and_then(queue::parse_time);
         let mut renewals = locked(&self.unrecorded_renewals);
-        let renewal = renewals.get(&uid)?;
-        let same_grant = status.is_some_and(|s| s.token == renewal.token && s.fencing_token == renewal.fencing);
-        if same_grant && recorded.is_none_or(|recorded| recorded < renewal.at) {
-            return Some(renewal.at);
+        let unrecorded = renewals.get(&uid)?;
+        let same_grant = status.is_some_and(|s| s.token == unrecorded.token && s.fencing_token == unrecorded.fencing);
+        if same_grant && recorded.is_none_or(|recorded| recorded < unrecorded.renewal.at) {
+            return Some(unrecorded.renewal);
         }
         renewals.remove(&uid);
         None
@@ -559,6 +559,13 @@ mod tests {
     use crate::crd::{HolderRef, Phase};
     use crate::fixtures::request;
 
+    fn renewal(at_s: i64) -> Renewal {
+        Renewal {
+            at: crate::fixtures::at(at_s),
+            ttl: Duration::from_secs(8),
+        }
+    }
+
     #[test]
     fn a_relist_forgets_the_requests_deleted_while_the_watch_was_down() {
         use crate::fixtures::{at, granted};
@@ -569,7 +576,7 @@ mod tests {
             index.observe(&watcher::Event::Apply(lock.clone()));
         }
         index.wrote(&gone, Some("20"));
-        index.renewed_unrecorded(&gone, at(2));
+        index.renewed_unrecorded(&gone, renewal(2));
         index.suspect_untold_grant(&gone.uid().unwrap());
         assert_eq!(index.of_key("ns/k").len(), 2);
         // the watch fell behind; `gone` was deleted meanwhile: the relist
@@ -603,20 +610,20 @@ mod tests {
         let index = QueueIndex::default();
         let lock = granted(request("a", "ns", "k", 0, 1, 10), at(0), at(8));
         assert_eq!(index.unrecorded_renewal(&lock), None);
-        index.renewed_unrecorded(&lock, at(2));
-        assert_eq!(index.unrecorded_renewal(&lock), Some(at(2)));
+        index.renewed_unrecorded(&lock, renewal(2));
+        assert_eq!(index.unrecorded_renewal(&lock), Some(renewal(2)));
         // another grant of the same request (a new fencing token)
         let mut regranted = lock.clone();
         regranted.status.as_mut().unwrap().fencing_token = Some(8);
         assert_eq!(index.unrecorded_renewal(&regranted), None);
         assert_eq!(index.unrecorded_renewal(&lock), None, "the mark is dropped");
         // a copy that records it (or a later renewal)
-        index.renewed_unrecorded(&lock, at(2));
+        index.renewed_unrecorded(&lock, renewal(2));
         let written = granted(request("a", "ns", "k", 0, 1, 10), at(2), at(10));
         assert_eq!(index.unrecorded_renewal(&written), None);
         assert_eq!(index.unrecorded_renewal(&lock), None, "the mark is dropped");
         // the request's deletion
-        index.renewed_unrecorded(&lock, at(4));
+        index.renewed_unrecorded(&lock, renewal(4));
         index.observe(&watcher::Event::Delete(lock.clone()));
         assert_eq!(index.unrecorded_renewal(&lock), None);
     }
