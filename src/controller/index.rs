@@ -240,7 +240,12 @@ impl QueueIndex {
         let key = queue::lock_key(lock);
         let holder = holder_key(lock);
         let mut entries = locked(&self.entries);
-        if entries.filed.get(&object) == Some(&(key.clone(), holder.clone())) {
+        // (the same name may be a new request: refiled under its own UID,
+        // which a relist goes by)
+        if let Some((filed, place)) = entries.filed.get_key_value(&object)
+            && filed.extra.uid == object.extra.uid
+            && *place == (key.clone(), holder.clone())
+        {
             return;
         }
         remove_filing(&mut entries, &object);
@@ -602,6 +607,23 @@ mod tests {
         index.observe_job(&watcher::Event::Init);
         index.observe_job(&watcher::Event::InitDone);
         assert_eq!(index.job_first_seen(&job), None);
+    }
+
+    #[test]
+    fn a_request_created_again_under_the_same_name_while_the_watch_was_down_stays_filed() {
+        let index = QueueIndex::default();
+        let before = request("same", "ns", "k", 0, 1, 10);
+        index.observe(&watcher::Event::Apply(before.clone()));
+        let mut again = request("same", "ns", "k", 0, 5, 20);
+        again.metadata.uid = Some("uid-same-2".into());
+        index.observe(&watcher::Event::Init);
+        index.observe(&watcher::Event::InitApply(again.clone()));
+        let unlisted = index.observe(&watcher::Event::InitDone);
+        assert!(unlisted.is_empty(), "nothing to let go: the name is the new request's");
+        let filed = index.of_key("ns/k");
+        assert_eq!(filed.len(), 1, "the new one is filed under its key");
+        assert_eq!(filed[0].extra.uid.as_deref(), Some("uid-same-2"));
+        assert!(index.first_seen(&again).is_some());
     }
 
     #[test]
