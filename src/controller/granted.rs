@@ -117,10 +117,13 @@ pub fn worth_recording(
     let (Some((renewed, expires)), Some((_, next_expires))) = (times(current), times(next)) else {
         return true;
     };
+    // (a grant's status has the lock index's expiry and this controller's
+    // renewedAt: the recorded TTL is off by the two clocks' difference, which
+    // is no new TTL)
     let (Ok(recorded_ttl), Ok(ttl_here)) = ((expires - renewed).to_std(), (next_expires - now).to_std()) else {
         return true;
     };
-    if recorded_ttl.abs_diff(ttl_here) > Duration::from_millis(1) {
+    if recorded_ttl.abs_diff(ttl_here) > ttl / 8 {
         return true;
     }
     let margin = renew_period(ttl) + (ttl / 8).max(RECORDED_LEAD);
@@ -390,6 +393,11 @@ mod tests {
         // a new TTL: the recorded one is what the next reconcile plans with
         let next = status::renewed(&lock, at(2), at(2 + 60));
         assert!(worth_recording(&lock, &next, Duration::from_secs(60), at(2)));
+        // but not a grant's expiry by the lock index's clock, a little ahead
+        let mut granted = lock.clone();
+        let engine_expiry = at(8) + chrono::Duration::milliseconds(40);
+        granted.status.as_mut().unwrap().expires_at = Some(status::rfc3339(engine_expiry));
+        assert!(!renewal_at(&granted, 2, 8), "the first renewal after a grant");
         // a spec edit: observedGeneration moves
         let mut edited = lock.clone();
         edited.metadata.generation = Some(edited.metadata.generation.unwrap_or(1) + 1);
