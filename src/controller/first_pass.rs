@@ -142,17 +142,34 @@ const OVERDUE_SPACING: Duration = Duration::from_millis(10);
 /// renewal is due (see [`super::granted::renewal_due`]), which is when the
 /// controller would have renewed it had it not restarted; and, if that is
 /// now, how much longer it may still wait (its slack): until one more renewal
-/// period has passed, when at least half of its lease is left (a period is at
-/// most a quarter of the TTL). Never renewed: at once, no slack.
+/// period has passed. Never renewed: at once, no slack.
+///
+/// A lease of 16 s and more has its status written every third renewal
+/// ([`super::granted::worth_recording`]): the recorded renewal may be two
+/// periods older than the last one, so most holders would look due at once
+/// after a restart and be renewed together — a burst of extends and status
+/// writes in front of new requests, and again every period after, as they
+/// stay in step. Their recorded lease, a lower bound of the real one, is
+/// renewed from when half of it is left (a period later), at the latest
+/// with a quarter of it left; shorter leases, recorded at least every second
+/// renewal, from a quarter gone, at the latest with half left.
 fn hand_over(lock: &DistributedLock, now: DateTime<Utc>) -> (Duration, Duration) {
-    let (_, period) = super::granted::lease_plan(lock);
-    let Some(due) = super::granted::renewal_due(lock, period, None, now) else {
+    let (ttl, period) = super::granted::lease_plan(lock);
+    let Some(next) = super::granted::renewal_due(lock, period, None, now) else {
         return (Duration::ZERO, Duration::ZERO);
+    };
+    let period_ahead = chrono::Duration::from_std(period).unwrap_or_default();
+    // (a renewal recorded in the future: due now, not a period later)
+    let recorded_ahead = next == now;
+    let due = if ttl / 8 >= super::granted::RECORDED_LEAD && !recorded_ahead {
+        next + period_ahead
+    } else {
+        next
     };
     let wait = (due - now).to_std().map_or(Duration::ZERO, |wait| {
         wait.saturating_sub(RENEWAL_LEAD).min(LONGEST_WAIT)
     });
-    let latest = due + chrono::Duration::from_std(period).unwrap_or_default();
+    let latest = due + period_ahead;
     let slack = (latest - now).to_std().unwrap_or_default().min(period);
     (wait, slack)
 }
@@ -333,11 +350,23 @@ mod tests {
             lock
         };
         let now = at(6);
-        // renewed at 0 for an hour: due at 900 s; renewed at 5 s for 10 s: due at 7.5 s
+        // renewed at 5 s for 10 s: due at 7.5 s; recorded at 0 for an hour
+        // (written every third renewal): from half of it left, at 1,800 s
         let long = granted(with_ttl(request("long", "ns", "a", 0, 1, 1), "1h"), at(0), at(3600));
         let short = granted(with_ttl(request("short", "ns", "b", 0, 1, 2), "10s"), at(5), at(15));
         assert_eq!(hand_over(&short, now).0, Duration::from_millis(1000));
-        assert_eq!(hand_over(&long, now).0, Duration::from_millis(893_500));
+        assert_eq!(hand_over(&long, now).0, Duration::from_millis(1_793_500));
+        // the default 30 s lease recorded 10 s ago: not due yet (at 15 s),
+        // with a period of slack after that; 20 s ago: at once, 2.5 s slack
+        let default = granted(request("default", "ns", "e", 0, 1, 5), at(0), at(30));
+        assert_eq!(
+            hand_over(&default, at(10)),
+            (Duration::from_millis(4500), Duration::from_millis(7500))
+        );
+        assert_eq!(
+            hand_over(&default, at(20)),
+            (Duration::ZERO, Duration::from_millis(2500))
+        );
         // overdue, or never renewed: at once
         assert_eq!(hand_over(&short, at(8)).0, Duration::ZERO);
         let never = with_phase(request("never", "ns", "c", 0, 1, 3), Phase::Granted, None);
@@ -471,22 +500,24 @@ mod tests {
         let (store, mut writer) = kube::runtime::reflector::store::<DistributedLock>();
         let (to_pace, listed) = mpsc::unbounded_channel();
         let now = Utc::now();
-        let renewed = |ago: i64| now - chrono::Duration::seconds(ago);
-        // 30 s leases whose renewal fell due 1.5 s ago: 6 s of slack each
+        let renewed = |ago_ms: i64| now - chrono::Duration::milliseconds(ago_ms);
+        // 30 s leases (recorded every third renewal: due from half of the
+        // recorded lease left, 15 s) due 1.5 s ago: 6 s of slack each
         for i in 0..30 {
             let holder = granted(
                 request(&format!("h{i}"), "ns", &format!("k{i}"), 0, 1, i),
-                renewed(9),
-                renewed(9) + chrono::Duration::seconds(30),
+                renewed(16_500),
+                renewed(16_500) + chrono::Duration::seconds(30),
             );
             writer.apply_watcher_event(&watcher::Event::Apply(holder.clone()));
             to_pace.send(ObjectRef::from_obj(&holder)).unwrap();
         }
-        // renewed 20 s ago: past its slack (half its lease is gone), listed last
+        // recorded 24 s ago: past its slack (less than a quarter of the
+        // recorded lease left), listed last
         let urgent = granted(
             request("urgent", "ns", "u", 0, 1, 99),
-            renewed(20),
-            renewed(20) + chrono::Duration::seconds(30),
+            renewed(24_000),
+            renewed(24_000) + chrono::Duration::seconds(30),
         );
         writer.apply_watcher_event(&watcher::Event::Apply(urgent.clone()));
         to_pace.send(ObjectRef::from_obj(&urgent)).unwrap();
