@@ -167,6 +167,7 @@ pub async fn run(args: OperatorArgs) -> Result<(), OperatorError> {
         semaphores: semaphore_store.clone(),
         semaphores_listed: Default::default(),
         permit_holders: Default::default(),
+        selector: args.selector.clone(),
     });
     tracing::info!(index = %ctx.locks.index(), "operator started");
 

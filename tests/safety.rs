@@ -309,6 +309,52 @@ async fn a_request_that_leaves_the_selector_is_released_and_its_waiter_served() 
     .await;
 }
 
+/// Hostile review (2026-11-29, high): a request whose `--selector` label was
+/// removed and put back while the operator was not looking was let go — its
+/// lock given to the waiter, Released/NotSelected — though it is selected
+/// again. A departure is now checked against the selector by the API server
+/// first, and the request told (at the version read) before its lock is
+/// given back.
+#[tokio::test]
+async fn a_request_whose_label_came_back_is_not_let_go() {
+    let Some(t) = Setup::new("label-back", &[]).await else {
+        return;
+    };
+    t.create("holder", json!({"lockId": "s", "ttl": "30s"})).await;
+    let before = t.granted("holder").await;
+    t.create("waiter", json!({"lockId": "s"})).await;
+    t.pending_at("waiter", 1).await;
+    let operator = nix::unistd::Pid::from_raw(t.operator.child.id() as i32);
+    nix::sys::signal::kill(operator, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let resume = resume_on_drop(operator);
+    for label in [serde_json::Value::Null, json!(t.run)] {
+        let patch = kube::api::Patch::Merge(json!({"metadata": {"labels": {RUN_LABEL: label}}}));
+        t.api
+            .patch("holder", &kube::api::PatchParams::default(), &patch)
+            .await
+            .unwrap();
+    }
+    // the operator sees the holder leave its view and come back
+    drop(resume);
+    // it keeps its grant and the waiter waits (the release came within
+    // milliseconds of the resume)
+    let until = std::time::Instant::now() + Duration::from_secs(3);
+    while std::time::Instant::now() < until {
+        let holder = t.api.get("holder").await.unwrap();
+        assert_eq!(phase_of(&holder), Some(Phase::Granted), "{:?}", holder.status);
+        assert_eq!(
+            holder.status.and_then(|s| s.token),
+            before.status.as_ref().and_then(|s| s.token.clone())
+        );
+        let waiter = t.api.get("waiter").await.unwrap();
+        assert_eq!(phase_of(&waiter), Some(Phase::Pending), "{:?}", waiter.status);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // and it is still this operator's: deleting it hands the lock over
+    t.delete("holder").await;
+    t.granted("waiter").await;
+}
+
 #[tokio::test]
 async fn a_grant_a_waiting_request_was_never_told_of_is_given_back() {
     let Some(mut t) = Setup::new("untold-grant", &[]).await else {

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::ObjectReference;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::{ObjectRef, Store};
@@ -66,6 +66,8 @@ pub struct Context {
     /// Each semaphore key as the lock index last showed it (holders outside
     /// this cluster included).
     pub permit_holders: Mutex<std::collections::HashMap<String, crate::lock::Semaphore>>,
+    /// `--selector`: the requests this operator manages (`None`: all).
+    pub selector: Option<String>,
 }
 
 /// How soon a reconcile skipped for a copy older than our own last write
@@ -610,43 +612,59 @@ fn wake_queue(ctx: &Context, key: &str, except: Option<&DistributedLock>, freed:
     }
 }
 
-/// Requests that left this operator's watch. A deleted one needs nothing
-/// more (its finalizer released it); one that still exists no longer matches
-/// `--selector` (its labels changed): this operator can no longer renew or
-/// release it later, so it releases it now — its lock, phase Released with
-/// reason NotSelected, and its finalizer, so a later delete is not stuck —
-/// and lets the next waiter of its key in.
+/// Requests that left this operator's watch (a deletion, or a relist that
+/// no longer has them). A deleted one needs nothing more (its finalizer
+/// released it) unless our finalizer was taken off by someone else; one
+/// that still exists and no longer matches `--selector` (its labels
+/// changed): this operator can no longer renew or release it later, so it
+/// lets go of it now — phase Released with reason NotSelected, its lock, and
+/// its finalizer, so a later delete is not stuck — and lets the next waiter
+/// of its key in. Each is tried again with backoff until done.
 pub async fn departures(ctx: Arc<Context>, mut departed: mpsc::UnboundedReceiver<DistributedLock>) {
     while let Some(lock) = departed.recv().await {
-        let key = queue::lock_key(&lock);
-        if let Err(e) = let_go(&ctx, &lock, &key).await {
-            tracing::warn!(name = %lock.name_any(), error = %e, "could not let go of a request that left the selector");
-        }
-        wake_queue(&ctx, &key, None, true);
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            let key = queue::lock_key(&lock);
+            let mut backoff = Duration::from_millis(100);
+            while let Err(e) = let_go(&ctx, &lock, &key).await {
+                tracing::warn!(name = %lock.name_any(), error = %e, retry_in = ?backoff, "could not let go of a request that left this operator's view");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(ctx.max_retry_interval);
+            }
+            wake_queue(&ctx, &key, None, true);
+        });
     }
 }
 
+/// See [`departures`]; `lock` is the last copy this operator had.
 async fn let_go(ctx: &Context, lock: &DistributedLock, key: &str) -> Result<()> {
     let namespace = lock.namespace().unwrap_or_default();
     let api: Api<raw::RawRequest> = Api::namespaced(ctx.client.clone(), &namespace);
-    let Some(current) = api.get_opt(&lock.name_any()).await.map_err(Error::Kube)? else {
-        return Ok(()); // deleted
+    let ours = |l: &DistributedLock| l.finalizers().iter().any(|f| f == FINALIZER);
+    let current = api.get_opt(&lock.name_any()).await.map_err(Error::Kube)?;
+    let Some(current) = current.filter(|c| c.metadata.uid == lock.metadata.uid) else {
+        // deleted (and maybe created again: a new request): if our finalizer
+        // did not run, whatever it held is given back (token-fenced)
+        if ours(lock) {
+            release_own(lock, ctx, key).await?;
+        }
+        return Ok(());
     };
-    if current.metadata.uid != lock.metadata.uid {
-        return Ok(()); // deleted and created again: a new request
-    }
     let Ok(current) = current.decode() else {
         return Ok(()); // reported already; nothing this controller can act on
     };
-    if !current.finalizers().iter().any(|f| f == FINALIZER) {
+    if !ours(&current) || still_selected(ctx, &current).await? {
         return Ok(());
     }
     tracing::info!(name = %current.name_any(), %namespace, "request no longer matches --selector; releasing it");
     if !queue::phase(&current).is_final() {
+        // the request is told first, at the version just read (a label put
+        // back since is a newer version: refused, and read again), then its
+        // lock is given back
         let message = "its labels no longer match this operator's --selector";
-        release_own(&current, ctx, key).await?;
         let next = status::finished(&current, Phase::Released, reason::NOT_SELECTED, message);
         status::write(&ctx.client, &current, next).await?;
+        release_own(&current, ctx, key).await?;
     }
     // drop our finalizer: compare-and-swap on a fresh read
     let Some(fresh) = api.get_opt(&current.name_any()).await.map_err(Error::Kube)? else {
@@ -658,9 +676,26 @@ async fn let_go(ctx: &Context, lock: &DistributedLock, key: &str) -> Result<()> 
     }));
     match api.patch(&current.name_any(), &PatchParams::default(), &patch).await {
         Ok(_) => Ok(()),
-        Err(kube::Error::Api(s)) if s.code == 409 || s.code == 404 => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        // changed since the read: read again (its labels may be back)
+        Err(kube::Error::Api(s)) if s.code == 409 => Err(Error::Stale),
         Err(e) => Err(Error::Kube(e)),
     }
+}
+
+/// Whether `lock` (as just read) still matches this operator's
+/// `--selector`, asked of the API server (its own label matching) by a list
+/// of that one name under the selector, read after the copy.
+async fn still_selected(ctx: &Context, lock: &DistributedLock) -> Result<bool> {
+    let Some(selector) = ctx.selector.as_deref() else {
+        return Ok(true);
+    };
+    let api: Api<raw::RawRequest> = Api::namespaced(ctx.client.clone(), &lock.namespace().unwrap_or_default());
+    let params = ListParams::default()
+        .labels(selector)
+        .fields(&format!("metadata.name={}", lock.name_any()));
+    let listed = api.list(&params).await.map_err(Error::Kube)?;
+    Ok(listed.items.iter().any(|l| l.metadata.uid == lock.metadata.uid))
 }
 
 /// Refreshes the holders/waiters gauges from the cache once a second
