@@ -657,15 +657,16 @@ async fn let_go(ctx: &Context, lock: &DistributedLock, key: &str) -> Result<()> 
         return Ok(());
     }
     tracing::info!(name = %current.name_any(), %namespace, "request no longer matches --selector; releasing it");
+    // the request is told first, at the version just read (a label put back
+    // since is a newer version: refused, and read again), then whatever it
+    // holds is given back (also when a try before was cut short after the
+    // status write)
     if !queue::phase(&current).is_final() {
-        // the request is told first, at the version just read (a label put
-        // back since is a newer version: refused, and read again), then its
-        // lock is given back
         let message = "its labels no longer match this operator's --selector";
         let next = status::finished(&current, Phase::Released, reason::NOT_SELECTED, message);
         status::write(&ctx.client, &current, next).await?;
-        release_own(&current, ctx, key).await?;
     }
+    release_own(&current, ctx, key).await?;
     // drop our finalizer: compare-and-swap on a fresh read
     let Some(fresh) = api.get_opt(&current.name_any()).await.map_err(Error::Kube)? else {
         return Ok(());
