@@ -256,10 +256,13 @@ impl QueueIndex {
         entries.filed.insert(object, (key, holder));
     }
 
+    /// (the same per-request maps as [`Self::keep_only`] forgets in bulk:
+    /// one removal each here, on every deletion)
     fn unfile(&self, lock: &DistributedLock) {
         if let Some(uid) = lock.uid() {
             locked(&self.first_seen).remove(&uid);
             locked(&self.released_uids).remove(&uid);
+            locked(&self.untold_grants).remove(&uid);
             locked(&self.place_deferred).remove(&uid);
             locked(&self.unseen_grants).remove(&uid);
             locked(&self.written_rv).remove(&uid);
